@@ -1,0 +1,622 @@
+"""The train state, the one pure train step, and the loop both CLIs share.
+
+The step is written once, `(state, batch) -> (state, metrics)`, with an
+optional named batch axis: `jax.pmap` runs it data-parallel over the local
+devices (gradients and metrics averaged with `lax.pmean`), `jax.jit` runs it on
+one device; both donate the old state's buffers.
+
+The loop fixes the data and the randomness by the step: the batch of step s is
+`batch_fn(s)` and the dropout key is `fold_in(rng, s)`, so a checkpoint needs no
+iterator state and a resumed run is bit-identical to an uninterrupted one.
+
+Exit statuses of the CLIs (see `exit_code`): 0 done, 2 bad input, 3 stopped
+after `max_nonfinite` consecutive non-finite steps, 130 after SIGINT and 143
+after SIGTERM (a checkpoint of the step reached is saved first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import queue
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax.checkpoint import CHECKPOINT_DIR, Checkpointer, check_meta
+from gptjax.optim import OptimConfig, make_optimizer, make_schedule
+
+log = logging.getLogger("gptjax.trainer")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
+BATCH_AXIS = "batch"
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long to train and how to log, evaluate, checkpoint and parallelise."""
+
+    # Optimizer steps to train for.
+    steps: int = 2000
+    # Global batch: sequences per optimizer step, over all devices and micro-batches.
+    batch_size: int = 12
+    # Micro-batches per step (gradient accumulation); the batch must divide by it.
+    grad_accum: int = 1
+    # Seed of the data order, the dropout keys and the initialisation.
+    seed: int = 0
+    # Evaluate every N steps (0: only at the end).
+    eval_every: int = 250
+    # Save a checkpoint every N steps (0: at evaluations and at the end).
+    ckpt_every: int = 0
+    # Keep the last N checkpoints (and the best by validation loss).
+    keep: int = 3
+    # Metrics fetched and logged every N steps.
+    log_every: int = 10
+    # Stop after this many consecutive steps with a non-finite loss or gradient.
+    max_nonfinite: int = 5
+    # "auto": pmap when more than one device is used, jit otherwise; or force one.
+    parallel: str = "auto"
+    # Devices to use (0: all local devices).
+    devices: int = 0
+    # Batches prepared ahead on a background thread.
+    prefetch: int = 2
+    # Save checkpoints asynchronously.
+    async_checkpoint: bool = True
+    # Optional TensorBoard event files in the run folder (needs tensorboardX).
+    tensorboard: bool = False
+    # Optional Weights & Biases project name (needs wandb).
+    wandb_project: str = ""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "keep", "log_every", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "ckpt_every", "devices", "prefetch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.parallel not in ("auto", "pmap", "jit"):
+            raise ValueError(f"parallel={self.parallel!r} must be 'auto', 'pmap' or 'jit'")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainResult:
+    state: dict  # the final train state, un-replicated
+    status: str  # "done", "preempted"
+    signal: int | None = None
+    history: list = dataclasses.field(default_factory=list)
+    evals: list = dataclasses.field(default_factory=list)
+
+
+def exit_code(result: TrainResult) -> int:
+    return EXIT_OK if result.signal is None else 128 + int(result.signal)
+
+
+# ----------------------------------------------------------------------------- state and step
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> dict:
+    """The whole train state as one pytree (a dict, so checkpoints read back plainly)."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "rng": jax.random.PRNGKey(seed),
+        "nonfinite": jnp.zeros((), jnp.int32),  # consecutive non-finite steps
+        "skipped": jnp.zeros((), jnp.int32),  # total skipped steps
+    }
+
+
+def make_train_step(loss_fn: LossFn, optimizer, schedule, *, axis_name: str | None = None):
+    """The pure step `(state, batch) -> (state, metrics)`.
+
+    `batch` leaves have a leading micro-batch axis (grad_accum, b, ...); the
+    gradient is the mean over micro-batches, which equals the full-batch gradient
+    of a mean loss. Under pmap (axis_name set) gradients and metrics are averaged
+    over devices. A step whose loss or gradient norm is not finite leaves the
+    parameters and optimizer state unchanged and is counted.
+    """
+
+    def step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n_micro = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if n_micro == 1:
+            micro = jax.tree_util.tree_map(lambda x: x[0], batch)
+            (loss, aux), grads = grad_fn(state["params"], micro, rng)
+        else:
+            def accumulate(carry, xs):
+                i, micro = xs
+                (loss, aux), grads = grad_fn(state["params"], micro, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (loss, aux, grads)), None
+
+            first = jax.eval_shape(grad_fn, state["params"],
+                                   jax.tree_util.tree_map(lambda x: x[0], batch), rng)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                           (first[0][0], first[0][1], first[1]))
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros,
+                                                 (jnp.arange(n_micro), batch))
+            loss, aux, grads = jax.tree_util.tree_map(lambda x: x / n_micro, (loss, aux, grads))
+        if axis_name is not None:
+            loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+
+        def keep_if_finite(new, old):
+            return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep_if_finite(new_params, state["params"]),
+            "opt_state": keep_if_finite(new_opt, state["opt_state"]),
+            "rng": state["rng"],
+            "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "finite": finite, "nonfinite": new_state["nonfinite"],
+                   "skipped": new_state["skipped"], **aux}
+        return new_state, metrics
+
+    return step
+
+
+class Parallel:
+    """Runs the step on one device with jit, or on n local devices with pmap."""
+
+    def __init__(self, step_fn_factory, loop: LoopConfig):
+        available = jax.local_devices()
+        n = loop.devices or len(available)
+        if n > len(available):
+            raise ValueError(f"devices={n} but only {len(available)} local devices exist")
+        self.devices = available[:n]
+        self.n = n
+        mode = loop.parallel
+        if mode == "auto":
+            mode = "pmap" if n > 1 else "jit"
+        if mode == "jit" and n > 1:
+            raise ValueError("parallel='jit' runs on one device; use devices=1 or 'pmap'")
+        self.mode = mode
+        if loop.batch_size % (n * loop.grad_accum):
+            raise ValueError(
+                f"batch_size={loop.batch_size} must divide by devices x grad_accum = "
+                f"{n} x {loop.grad_accum}"
+            )
+        self.accum = loop.grad_accum
+        if mode == "pmap":
+            self.mesh = jax.sharding.Mesh(np.array(self.devices), (BATCH_AXIS,))
+            self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+                BATCH_AXIS))
+            self.step = jax.pmap(step_fn_factory(BATCH_AXIS), axis_name=BATCH_AXIS,
+                                 devices=self.devices, donate_argnums=(0,))
+        else:
+            self.step = jax.jit(step_fn_factory(None), donate_argnums=(0,))
+
+    def put_state(self, state):
+        if self.mode == "jit":
+            return jax.device_put(state, self.devices[0])
+        n = self.n
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        broadcast = jax.jit(
+            lambda tree: jax.tree_util.tree_map(
+                lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree),
+            out_shardings=self.sharded,
+        )
+        return broadcast(jax.device_put(state, replicated))
+
+    def get_state(self, state):
+        """One copy of the state (device-count independent, for saving and eval)."""
+        if self.mode == "jit":
+            return state
+        return jax.tree_util.tree_map(lambda x: x[0], state)
+
+    def put_batch(self, batch: dict):
+        """Host batch (B, ...) -> (devices, accum, B / (devices * accum), ...) on device."""
+        def split(x):
+            x = np.asarray(x)
+            lead = (self.n, self.accum) if self.mode == "pmap" else (self.accum,)
+            return x.reshape(lead + (-1,) + x.shape[1:])
+
+        batch = {k: split(v) for k, v in batch.items()}
+        if self.mode == "pmap":
+            return jax.device_put(batch, self.sharded)
+        return jax.device_put(batch, self.devices[0])
+
+    def metrics_value(self, metrics):
+        host = jax.device_get(metrics)
+        if self.mode == "pmap":
+            host = jax.tree_util.tree_map(lambda x: x[0], host)
+        return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in host.items()}
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder; never reuse an existing one without resume or overwrite."""
+    path = Path(path)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not overwrite:
+            raise FileExistsError(
+                f"run folder {path} exists; pass --resume to continue it or --overwrite to "
+                "replace it"
+            )
+        shutil.rmtree(path)
+    elif resume:
+        raise FileNotFoundError(f"--resume: run folder {path} does not exist")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl always; TensorBoard and W&B when asked (imported lazily)."""
+
+    def __init__(self, run_dir: Path, loop: LoopConfig, config: dict):
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.tb = self.wandb = None
+        if loop.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as err:
+                raise ImportError("tensorboard=True needs `pip install tensorboardX`") from err
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if loop.wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("wandb_project needs `pip install wandb`") from err
+            self.wandb = wandb.init(project=loop.wandb_project, config=config,
+                                    dir=str(run_dir))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                if self.tb is not None:
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png from metrics.jsonl: training loss and validation loss against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train.append((rec["step"], rec["loss"]))
+        if "val_loss" in rec:
+            val.append((rec["step"], rec["val_loss"]))
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token: 6 N + 6 L T D.
+
+    N counts the matmul parameters (the blocks' weight matrices and the tied
+    output projection V x D; not the position table or biases): each is used
+    in one multiply-add forward and two backward, 6 FLOPs per token. Causal
+    attention's score and value matmuls add 2 * 2 * T * D per layer forward
+    for a full T x T, half of it under the causal mask, times 3 for
+    forward + backward: 6 L T D. (The PaLM/nanoGPT convention counts the full
+    square, 12 L T D; `flops_per_token(cfg) + 6 L T D` gives that.)
+    """
+    D, F, L, V, T = cfg.n_embd, cfg.mlp_width, cfg.n_layer, cfg.vocab_size, cfg.n_ctx
+    matmul_params = L * (4 * D * D + 2 * D * F) + V * D
+    return 6.0 * matmul_params + 6.0 * L * T * D
+
+
+_PEAK_FLOPS = {  # dense bf16 peak per device, from the vendors' data sheets
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+    "V100": 125e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6": 918e12,
+}
+
+
+def device_peak_flops(device=None) -> float:
+    """Peak FLOP/s of one device: the data-sheet figure, or on CPU a measured matmul rate."""
+    device = device or jax.local_devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in _PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return measured_matmul_flops()
+
+
+_MEASURED: dict[str, float] = {}
+
+
+def measured_matmul_flops(n: int = 512, repeats: int = 10) -> float:
+    """float32 matmul FLOP/s of this backend (cached): the CPU's practical peak."""
+    if "peak" not in _MEASURED:
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a)
+        out.block_until_ready()
+        _MEASURED["peak"] = 2 * n**3 * repeats / (time.perf_counter() - start)
+    return _MEASURED["peak"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _SignalCatcher:
+    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+        log.warning("received signal %s: saving at the next step boundary", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class _Prefetcher:
+    """Builds and transfers the batches of the coming steps on a background thread."""
+
+    def __init__(self, make, start: int, stop: int, depth: int):
+        self.make, self.depth = make, depth
+        if depth == 0:
+            self.thread = None
+            self.next_step = start
+            return
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(start, stop), daemon=True)
+        self.thread.start()
+
+    def _run(self, start, stop):
+        for step in range(start, stop):
+            if self.stopped.is_set():
+                return
+            try:
+                item = (step, self.make(step), None)
+            except Exception as err:  # surfaced in the main thread
+                item = (step, None, err)
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self, step):
+        if self.thread is None:
+            return self.make(step)
+        got, batch, err = self.queue.get()
+        if err is not None:
+            raise err
+        assert got == step, (got, step)
+        return batch
+
+    def close(self):
+        if self.thread is not None:
+            self.stopped.set()
+            self.thread.join(timeout=5)
+
+
+def train(
+    *,
+    run_dir: str | Path,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    params,
+    loss_fn: LossFn,
+    batch_fn: Callable[[int], dict],
+    eval_fn: Callable[[Any], dict] | None = None,
+    meta: dict | None = None,
+    resume: bool = False,
+    check_keys: tuple[str, ...] = ("model", "tokenizer", "data"),
+    tokens_per_step: int | None = None,
+    flops_per_step: float | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train until loop.steps, evaluating, logging and checkpointing on the way.
+
+    params: the initial parameters (ignored values, used for structure, on resume).
+    loss_fn(params, batch, rng) -> (loss, aux metrics dict) on one micro-batch.
+    batch_fn(step) -> dict of host arrays with the global batch as leading axis;
+    it must be a pure function of the step. eval_fn(params) -> dict of floats
+    (a "val_loss" entry makes the checkpoint eligible as the best one).
+    meta (JSON) is saved with every checkpoint; on resume the entries named in
+    check_keys must equal the checkpoint's.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    meta = dict(meta or {})
+    schedule = make_schedule(optim, loop.steps)
+    optimizer = make_optimizer(optim, loop.steps)
+    parallel = Parallel(lambda axis: make_train_step(loss_fn, optimizer, schedule,
+                                                     axis_name=axis), loop)
+    state = init_state(params, optimizer, loop.seed)
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=loop.keep,
+                        async_save=loop.async_checkpoint)
+    if resume:
+        state, saved_meta, saved_step = ckpt.restore(state)
+        check_meta(saved_meta, meta, check_keys, f"{run_dir} (step {saved_step})")
+        log.info("resumed %s at step %d", run_dir, saved_step)
+    start = int(state["step"])
+    logger = MetricsLog(run_dir, loop, meta)
+    result = TrainResult(state=state, status="done")
+    peak = device_peak_flops(parallel.devices[0]) * parallel.n if flops_per_step else None
+
+    def save(step_state, metrics=None):
+        ckpt.save(int(step_state["step"]), step_state, meta, metrics)
+
+    def evaluate(step_state):
+        if eval_fn is None:
+            return None
+        values = {k: float(v) for k, v in eval_fn(step_state["params"]).items()}
+        record = {"step": int(step_state["step"]), **values}
+        logger.write(record)
+        result.evals.append(record)
+        return values
+
+    state = parallel.put_state(state)
+    prefetch = _Prefetcher(lambda s: parallel.put_batch(batch_fn(s)), start, loop.steps,
+                           loop.prefetch)
+    bar = tqdm(total=loop.steps, initial=start, disable=not show_progress, dynamic_ncols=True)
+    pending: list[tuple[int, Any]] = []
+    window_start, window_steps = time.perf_counter(), 0
+
+    def drain(force=False):
+        """Fetch metrics of finished steps (one step behind, so the host never waits)."""
+        nonlocal window_start, window_steps
+        keep = 0 if force else 1
+        while len(pending) > keep:
+            step, metrics = pending.pop(0)
+            values = parallel.metrics_value(metrics)
+            if values["nonfinite"] >= loop.max_nonfinite:
+                raise TrainingDiverged(
+                    f"{int(values['nonfinite'])} consecutive steps with a non-finite loss or "
+                    f"gradient (last at step {step}); stopping. The last checkpoint in "
+                    f"{ckpt.directory} is intact (steps {ckpt.steps()})"
+                )
+            if not values["finite"]:
+                log.warning("step %d: non-finite loss or gradient; update skipped", step)
+            if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
+                now = time.perf_counter()
+                elapsed = max(now - window_start, 1e-9)
+                record = {"step": step + 1, **{k: v for k, v in values.items()
+                                               if k not in ("finite",)}}
+                if tokens_per_step:
+                    record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+                if flops_per_step and peak:
+                    record["mfu"] = flops_per_step * window_steps / elapsed / peak
+                logger.write(record)
+                result.history.append(record)
+                post = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}"}
+                if "tokens_per_s" in record:
+                    post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                if "mfu" in record:
+                    post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                bar.set_postfix(post)
+                window_start, window_steps = now, 0
+
+    try:
+        with _SignalCatcher() as signals:
+            for step in range(start, loop.steps):
+                batch = prefetch.get(step)
+                state, metrics = parallel.step(state, batch)
+                pending.append((step, metrics))
+                window_steps += 1
+                bar.update(1)
+                drain()
+                done = step + 1
+                is_eval = loop.eval_every and done % loop.eval_every == 0 and done < loop.steps
+                is_ckpt = loop.ckpt_every and done % loop.ckpt_every == 0
+                if signals.received is not None:
+                    drain(force=True)
+                    host_state = parallel.get_state(state)
+                    save(host_state)
+                    ckpt.wait()
+                    result.status, result.signal = "preempted", signals.received
+                    log.warning("saved step %d after signal %d", done, signals.received)
+                    break
+                if is_eval or is_ckpt:
+                    drain(force=True)
+                    host_state = parallel.get_state(state)
+                    values = evaluate(host_state) if is_eval else None
+                    save(host_state, values)
+            else:
+                drain(force=True)
+                host_state = parallel.get_state(state)
+                if int(host_state["step"]) > start or not ckpt.steps():
+                    values = evaluate(host_state)
+                    save(host_state, values)
+        ckpt.wait()
+    finally:
+        prefetch.close()
+        bar.close()
+        ckpt.close()
+        logger.close()
+    result.state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.get_state(state)))
+    return result
+
+
+def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of text from a mean loss in nats per token."""
+    return loss_nats * tokens / (max(n_bytes, 1) * math.log(2))
