@@ -449,16 +449,23 @@ def token_nll(params: Params, h: jax.Array, targets: jax.Array) -> jax.Array:
     return logz - picked
 
 
+def _weighted_mean(nll: jax.Array, weights: jax.Array | None) -> jax.Array:
+    if weights is None:
+        return nll.mean()
+    w = weights.astype(jnp.float32)
+    total = w.sum()
+    return jnp.where(total > 0, (nll * w).sum() / jnp.maximum(total, 1e-9), 0.0)
+
+
 def lm_loss_from_hidden(
     params: Params, h: jax.Array, tokens: jax.Array, weights: jax.Array | None = None
 ) -> jax.Array:
-    """Mean next-token NLL given hidden states h of `tokens` (see lm_loss)."""
+    """Mean next-token NLL given the hidden states h (B, T, D) of all of `tokens` (B, T).
+
+    For callers that need h anyway (the fine-tuning heads); weights as in lm_loss.
+    """
     nll = token_nll(params, h[:, :-1], tokens[:, 1:])
-    if weights is None:
-        return nll.mean()
-    w = weights[:, 1:].astype(jnp.float32)
-    total = w.sum()
-    return jnp.where(total > 0, (nll * w).sum() / jnp.maximum(total, 1e-9), 0.0)
+    return _weighted_mean(nll, None if weights is None else weights[:, 1:])
 
 
 def lm_loss(
@@ -474,16 +481,23 @@ def lm_loss(
 ) -> jax.Array:
     """Mean negative log-likelihood of each token given those before it (nats).
 
-    Position t predicts tokens[:, t + 1]. `weights` (B, T) is aligned with
-    `tokens` like Hugging Face `labels`: weights[:, t] scales the loss of
-    predicting token t (weights[:, 0] is unused); the mean is over the weights'
-    sum. With no weights but an attention_mask, the mask is used.
+    tokens (B, T): the model reads tokens[:, :-1] and predicts tokens[:, 1:], so
+    T may be n_ctx + 1 (a training window). This is Hugging Face's loss with
+    `labels=input_ids`. `weights` (B, T) is aligned with `tokens` like HF labels:
+    weights[:, t] scales the loss of predicting token t (weights[:, 0] is
+    unused); the mean is over the weights' sum. With no weights but an
+    attention_mask, the mask is used.
     """
     if weights is None and attention_mask is not None:
         weights = attention_mask
-    h = forward(params, tokens, cfg, train, rng, positions=positions,
-                attention_mask=attention_mask)
-    return lm_loss_from_hidden(params, h, tokens, weights)
+
+    def inputs(x):
+        return None if x is None else x[:, :-1]
+
+    h = forward(params, tokens[:, :-1], cfg, train, rng, positions=inputs(positions),
+                attention_mask=inputs(attention_mask))
+    nll = token_nll(params, h, tokens[:, 1:])
+    return _weighted_mean(nll, None if weights is None else weights[:, 1:])
 
 
 # ----------------------------------------------------------------------------- KV cache
