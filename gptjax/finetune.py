@@ -1,0 +1,766 @@
+"""Fine-tuning (GPT-1, section 3.2): task data -> input transformations -> the shared loop.
+
+The library behind `python finetune.py`; the script only calls `main`. A run:
+
+ 1. the model: a train.py run folder (`--init runs/cpu-small`), a Hugging Face
+    openai-gpt / gpt2 folder (`--init path/to/hf`), or random weights of the same
+    shape (`--from-scratch`, the paper's "no pre-training" ablation);
+ 2. the special tokens `<start>`, `<delim>`, `<extract>`, `<pad>` added to the
+    tokenizer and embedding when missing (rows N(0, 0.02), with a message);
+ 3. the task's examples (a built-in demo task, an upstream dataset folder, a
+    generic CSV/JSONL file, or a Hugging Face name) turned into fixed-shape
+    arrays by tasks.encode_examples;
+ 4. params {"gpt": ..., "head": ...} trained by gptjax.trainer.train on
+    L3 = L2 + lm_coef * L1, evaluated at the end of every epoch;
+ 5. the best epoch's params (by the task's first metric) kept in RUN/best/,
+    predictions of the validation (and test) split written by them, and a
+    metrics table printed.
+
+Run folder layout:
+
+    RUN_DIR/config.json          resolved settings ("model" is the grown GPTConfig)
+    RUN_DIR/tokenizer/           the tokenizer, special tokens included
+    RUN_DIR/checkpoints/         orbax train states (exact resume with --resume)
+    RUN_DIR/best/                params.safetensors + metrics.json of the best epoch
+    RUN_DIR/metrics.jsonl        training and per-epoch validation records
+    RUN_DIR/predictions_SPLIT.tsv  "index<TAB>prediction", GLUE's submission layout
+    RUN_DIR/results.json         per-epoch metrics, the best, chance
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import cli
+from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR
+from gptjax.config import PRESETS, GPTConfig
+from gptjax.heads import init_head, make_head
+from gptjax.metrics import compute
+from gptjax.model import init_params
+from gptjax.optim import OptimConfig
+from gptjax.task_data import (
+    SPECS,
+    TaskData,
+    TaskSpec,
+    generic_spec,
+    get_spec,
+    load_hf_task,
+    load_task,
+    parse_columns,
+    read_generic,
+    submission_rows,
+    tokenizable_texts,
+)
+from gptjax.tasks import (
+    LM_NORMALIZATIONS,
+    SpecialIds,
+    TaskArrays,
+    add_task_tokens,
+    encode_examples,
+    make_loss_fn,
+    make_predict_fn,
+)
+from gptjax.trainer import LoopConfig, exit_code, prepare_run_dir, train
+
+log = logging.getLogger("gptjax.finetune")
+
+BEST_DIR = "best"
+DEFAULT_INIT = "runs/cpu-small"  # where `python train.py` puts its run
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What to fine-tune on and how the task loss is made."""
+
+    # The task: a built-in demo task or kind ("multiple_choice", "demo-entailment", ...),
+    # a dataset name (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, snli, scitail,
+    # storycloze, rocstories, race), "generic" (CSV/JSONL files with --columns), or
+    # "hf:NAME" (a Hugging Face dataset such as hf:glue/sst2; needs the hf extra).
+    task: str = "multiple_choice"
+    # Folder holding the dataset in its upstream layout (GLUE task folder, RACE/, ...).
+    data_dir: str = ""
+    # Files, instead of data_dir (one-file formats and generic tasks).
+    train_file: str = ""
+    validation_file: str = ""
+    test_file: str = ""
+    # Generic files: the task kind, the column mapping (field=column,...) and the labels.
+    kind: str = ""
+    columns: str = ""
+    labels: str = ""
+    # Name of the validation split (MNLI: validation_matched or validation_mismatched).
+    validation_split: str = "validation"
+    # Use at most this many training / validation examples (0: all).
+    max_train: int = 0
+    max_validation: int = 0
+    # Passes over the training set; fixes loop.steps unless --steps is given.
+    epochs: int = 3
+    # Linear warm-up over this share of the steps (GPT-1: 0.002), unless --warmup-steps.
+    warmup_fraction: float = 0.002
+    # Length budget of a transformed sequence (0: the model's n_ctx).
+    max_length: int = 0
+    # lambda of L3 = L2 + lambda * L1 (0: no auxiliary language-modelling loss).
+    lm_coef: float = 0.5
+    # L1's mean: "sequence" (per sequence, then over sequences: the GPT-1 code) or
+    # "token" (over all real tokens of the batch: Hugging Face's lm_loss).
+    lm_normalization: str = "sequence"
+    # Dropout on the head's input (GPT-1: 0.1).
+    head_dropout: float = 0.1
+    # If set, the transformer's three dropout rates during fine-tuning (GPT-1: 0.1).
+    model_dropout: float | None = None
+    # Examples per evaluation batch.
+    eval_batch_size: int = 64
+    # Built-in demo tasks: training / validation examples (0: the defaults).
+    demo_train: int = 0
+    demo_validation: int = 0
+
+    def __post_init__(self):
+        if self.lm_normalization not in LM_NORMALIZATIONS:
+            raise ValueError(f"lm_normalization={self.lm_normalization!r} is not one of "
+                             f"{list(LM_NORMALIZATIONS)}")
+        if not (self.lm_coef >= 0 and math.isfinite(self.lm_coef)):
+            raise ValueError(f"lm_coef={self.lm_coef} must be a finite number >= 0")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction={self.warmup_fraction} must lie in [0, 1)")
+        if self.model_dropout is not None and not 0 <= self.model_dropout < 1:
+            raise ValueError(f"model_dropout={self.model_dropout} must lie in [0, 1)")
+        for name in ("max_train", "max_validation", "max_length", "demo_train",
+                     "demo_validation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+
+
+SECTIONS = {"task": TaskConfig, "optim": OptimConfig, "loop": LoopConfig}
+
+# Fine-tuning recipes. "gpt1" is the paper's (section 4.1): lr 6.25e-5, batch 32, 3
+# epochs, warm-up over 0.2% then linear decay, clipping at 1, weight decay 0.01,
+# lambda 0.5. "cpu" is for the small models of a 2-core CPU pre-trained for minutes:
+# their few hundred fine-tuning steps need a larger learning rate.
+RECIPES: dict[str, dict] = {
+    "gpt1": dict(lr=6.25e-5, schedule="linear", min_lr=0.0, weight_decay=0.01, clip_norm=1.0,
+                 batch_size=32, epochs=3, warmup_fraction=0.002, lm_coef=0.5),
+    "cpu": dict(lr=5e-4, schedule="linear", min_lr=0.0, weight_decay=0.01, clip_norm=1.0,
+                b2=0.99, batch_size=16, epochs=3, warmup_fraction=0.1, lm_coef=0.5,
+                log_every=5, max_length=96),
+}
+
+
+def recipe_for(cfg: GPTConfig) -> str:
+    """GPT-1's recipe for GPT-1-sized and larger models, the CPU one below."""
+    return "gpt1" if cfg.n_embd >= 768 else "cpu"
+
+
+@dataclass
+class Settings:
+    task: TaskConfig
+    optim: OptimConfig
+    loop: LoopConfig
+    recipe: str
+    init: str
+    from_scratch: bool
+    preset: str
+    out_dir: Path
+
+    def to_dict(self, cfg: GPTConfig | None = None) -> dict:
+        out = {"task": dataclasses.asdict(self.task), "optim": dataclasses.asdict(self.optim),
+               "loop": dataclasses.asdict(self.loop), "recipe": self.recipe,
+               "init": self.init, "from_scratch": self.from_scratch, "preset": self.preset}
+        if cfg is not None:
+            out["model"] = dataclasses.asdict(cfg)
+        return out
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _is_run_dir(path: Path) -> bool:
+    config = path / RUN_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return "model" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def load_init(init: str, from_scratch: bool, preset: str, seed: int):
+    """(cfg, params, tokenizer) to fine-tune: pre-trained, or fresh of the same shape.
+
+    init: a train.py / finetune.py run folder, or a Hugging Face folder (config.json
+    with model_type openai-gpt or gpt2, safetensors weights, and its tokenizer
+    files). With from_scratch the architecture and tokenizer come from `init` if
+    given, else from `preset` with a BPE tokenizer trained on the built-in corpus.
+    """
+    key = jax.random.PRNGKey(seed)
+    if init:
+        path = Path(init)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--init {path} does not exist; pre-train one with `python train.py` "
+                "(it writes runs/cpu-small), give a Hugging Face folder, or pass --from-scratch")
+        if _is_run_dir(path):
+            from gptjax.checkpoint import load_run
+
+            if from_scratch:
+                from gptjax.tokenizer import load_tokenizer
+
+                saved = json.loads((path / RUN_CONFIG).read_text())
+                cfg = GPTConfig.from_dict(saved["model"], where=str(path / RUN_CONFIG))
+                return cfg, init_params(cfg, key), load_tokenizer(path / TOKENIZER_DIR)
+            cfg, params, tokenizer = load_run(path)
+            if "gpt" in params:  # a fine-tuning run: keep the transformer, new head
+                params = params["gpt"]
+            return cfg, params, tokenizer
+        from gptjax import hf
+        from gptjax.tokenizer import load_tokenizer
+
+        cfg, params = hf.load_pretrained(path)
+        tokenizer = load_tokenizer(path, add_missing_specials=False)
+        if from_scratch:
+            params = init_params(cfg, key)
+        return cfg, params, tokenizer
+    if not from_scratch:
+        raise ValueError("no model to fine-tune: give --init (a train.py run folder or a "
+                         "Hugging Face folder) or --from-scratch")
+    from gptjax.data import builtin_corpus
+    from gptjax.tokenizer import build_tokenizer
+
+    cfg = PRESETS[preset]
+    tokenizer = build_tokenizer("bpe", builtin_corpus(), cfg.vocab_size)
+    return cfg, init_params(cfg, key), tokenizer
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def load_task_data(tc: TaskConfig) -> TaskData:
+    """The task's train / validation (/ test) examples as configured."""
+    from gptjax.demo_tasks import DEMO_SPECS, KIND_TO_DEMO, demo_task
+
+    name = tc.task
+    if name in DEMO_SPECS or name.replace("-", "_") in KIND_TO_DEMO:
+        return demo_task(name, tc.demo_train or None, tc.demo_validation or None)
+    splits = ["train", tc.validation_split]
+    if name.startswith("hf:"):
+        return load_hf_task(name[3:], splits)
+    files = {s: f for s, f in (("train", tc.train_file), (tc.validation_split,
+                                                          tc.validation_file),
+                               ("test", tc.test_file)) if f}
+    if name == "generic":
+        if not tc.kind:
+            raise ValueError("--task generic needs --kind (classification, entailment, "
+                             "similarity or multiple_choice)")
+        labels = [s.strip() for s in tc.labels.split(",")] if tc.labels else None
+        spec = generic_spec(tc.kind, labels)
+        columns = parse_columns(tc.columns)
+        missing = [s for s in splits if s not in files]
+        if missing:
+            raise ValueError(f"--task generic needs files for {missing} "
+                             "(--train-file, --validation-file)")
+        return TaskData(spec, {s: read_generic(f, spec, columns) for s, f in files.items()})
+    spec = get_spec(name)
+    if tc.test_file or (tc.data_dir and _has_test(spec, tc.data_dir)):
+        splits.append("test")
+    if files and not tc.data_dir:
+        return load_task(spec.name if name not in SPECS else name, files, list(files))
+    if not tc.data_dir:
+        raise ValueError(f"task {name!r} needs --data-dir (its folder in the upstream layout) "
+                         "or --train-file / --validation-file")
+    data = load_task(name, tc.data_dir, splits)
+    for split, path in files.items():  # explicit files replace the folder's
+        data.splits[split] = load_task(name, {split: path}, [split])[split]
+    return data
+
+
+def _has_test(spec: TaskSpec, folder) -> bool:
+    from gptjax.task_data import glue_file
+
+    try:
+        return glue_file(spec.name, folder, "test").is_file()
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+def encode_splits(data: TaskData, tokenizer, n_ctx: int, tc: TaskConfig):
+    """{split: TaskArrays} with every text encoded once (encode_batch over unique texts)."""
+    examples = {s: list(ex) for s, ex in data.splits.items()}
+    if tc.max_train:
+        examples["train"] = examples["train"][: tc.max_train]
+    if tc.max_validation and tc.validation_split in examples:
+        examples[tc.validation_split] = examples[tc.validation_split][: tc.max_validation]
+    texts = sorted({t for ex in examples.values() for t in tokenizable_texts(ex)})
+    table = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
+    specials = SpecialIds.from_tokenizer(tokenizer)
+    n_choices = data.spec.n_choices
+    if data.spec.kind == "multiple_choice":
+        n_choices = max(len(e.choices) for ex in examples.values() for e in ex)
+    out = {}
+    for split, ex in examples.items():
+        out[split] = encode_examples(data.spec.kind, ex, table.__getitem__, specials, n_ctx,
+                                     n_choices=n_choices, regression=data.spec.regression)
+        if out[split].n_truncated:
+            log.warning("%s: %d of %d examples truncated to fit %d tokens", split,
+                        out[split].n_truncated, len(ex), n_ctx)
+    return out, examples
+
+
+def arrays_fingerprint(arrays: TaskArrays) -> str:
+    h = hashlib.sha256()
+    for name in ("tokens", "mask", "extract", "choices", "labels"):
+        h.update(np.ascontiguousarray(getattr(arrays, name)).tobytes())
+    return h.hexdigest()
+
+
+def make_batch_fn(arrays: TaskArrays, batch_size: int, seed: int):
+    """batch_fn(step): epoch e = step // steps_per_epoch visits a permutation of the
+    training set drawn from (seed, e); a pure function of the step."""
+    n = len(arrays)
+    per_epoch = steps_per_epoch(n, batch_size)
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch):
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        return np.resize(perm, per_epoch * batch_size)  # wraps when n < batch_size
+
+    def batch_fn(step):
+        epoch, k = divmod(step, per_epoch)
+        return arrays.batch(order(epoch)[k * batch_size: (k + 1) * batch_size])
+
+    return batch_fn
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    """Full batches per pass (the remainder, different each epoch, waits for the next)."""
+    return max(1, n_examples // batch_size)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def batched_outputs(predict, params, arrays: TaskArrays, batch_size: int) -> np.ndarray:
+    """The head's outputs over a whole split, in fixed-size batches (the last one padded)."""
+    n = len(arrays)
+    batch_size = min(batch_size, n)
+    outs = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        idx = np.where(idx < n, idx, 0)
+        outs.append(np.asarray(predict(params, arrays.batch(idx))))
+    return np.concatenate(outs)[:n]
+
+
+def outputs_to_metrics(spec: TaskSpec, outputs: np.ndarray, labels: np.ndarray):
+    """(predictions, {"val_loss": L2, metric: value}) for labelled examples."""
+    if spec.regression:
+        preds = outputs.astype(np.float64)
+        known = ~np.isnan(labels)
+        loss = float(np.mean((preds[known] - labels[known]) ** 2)) if known.any() else math.nan
+    else:
+        preds = outputs.argmax(-1)
+        known = labels >= 0
+        z = outputs[known].astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        loss = float(-logp[np.arange(len(z)), labels[known]].mean()) if known.any() else math.nan
+    values = {"val_loss": loss}
+    if known.any():
+        values.update(compute(spec.metrics, labels[known], preds[known]))
+    return preds, values
+
+
+def save_params(params, folder: Path, metrics: dict) -> None:
+    """params.safetensors ('/'-joined pytree paths) + metrics.json, written atomically."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat["/".join(str(getattr(p, "key", p)) for p in path)] = np.asarray(leaf)
+    tmp = folder / f".params.tmp{os.getpid()}"
+    save_file(flat, str(tmp))
+    os.replace(tmp, folder / "params.safetensors")
+    tmp = folder / f".metrics.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, folder / "metrics.json")
+
+
+def load_params(folder: Path, like):
+    """The params saved by save_params, in the structure of `like`."""
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(Path(folder) / "params.safetensors"))
+    leaves = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        if name not in flat or flat[name].shape != tuple(leaf.shape):
+            raise ValueError(f"{folder}: parameter {name} missing or of the wrong shape")
+        leaves.append(jnp.asarray(flat[name]))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Fine-tune a GPT on a labelled task with GPT-1's input transformations, "
+        "task heads and auxiliary LM loss. With no arguments: the built-in multiple-choice "
+        f"task on the model `python train.py` pre-trained ({DEFAULT_INIT}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--init", default=None,
+                        help=f"train.py run folder or Hugging Face folder (default: "
+                             f"{DEFAULT_INIT})")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="random weights (architecture and tokenizer from --init if "
+                             "given, else --preset): GPT-1's no-pre-training ablation")
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
+                        help="model of --from-scratch without --init")
+    parser.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                        help="fine-tuning defaults (default: gpt1 for models 768 wide or more, "
+                             "else cpu)")
+    parser.add_argument("--config", default=None, help="a JSON/TOML/YAML file of settings")
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder (default: runs/finetune-TASK)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing run folder first")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--table5", action="store_true",
+                        help="run GPT-1's Table 5 ablation in miniature on the four built-in "
+                             "tasks (from scratch; pre-trained with and without the LM loss)")
+    for name, cls in SECTIONS.items():
+        cli.add_dataclass_args(parser, cls, f"{name} settings")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Defaults < recipe < saved run (on resume) < config file < command line."""
+    file_settings = cli.read_config_file(args.config) if args.config else {}
+    meta_keys = ("init", "from_scratch", "preset", "recipe", "out_dir")
+    file_meta = {k: file_settings.pop(k) for k in meta_keys if k in file_settings}
+    out_dir = args.out_dir or file_meta.get("out_dir")
+    saved: dict = {}
+    saved_meta: dict = {}
+    if args.resume:
+        if not out_dir:
+            raise ValueError("--resume needs --out-dir (the run folder to continue)")
+        saved_path = Path(out_dir) / RUN_CONFIG
+        if not saved_path.is_file():
+            raise FileNotFoundError(f"--resume: {saved_path} does not exist")
+        saved_run = json.loads(saved_path.read_text())
+        for section in SECTIONS:
+            saved.update(saved_run.get(section, {}))
+        saved_meta = {k: saved_run[k] for k in ("init", "from_scratch", "preset", "recipe")
+                      if k in saved_run}
+    init = args.init or file_meta.get("init") or saved_meta.get("init")
+    from_scratch = bool(args.from_scratch or file_meta.get("from_scratch")
+                        or saved_meta.get("from_scratch"))
+    preset = file_meta.get("preset") or saved_meta.get("preset") or args.preset
+    if init is None and not from_scratch:
+        init = DEFAULT_INIT
+    recipe = args.recipe or file_meta.get("recipe") or saved_meta.get("recipe")
+    if recipe is None:
+        recipe = recipe_for(_peek_config(init, preset))
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    command = {k: v for cls in SECTIONS.values() for k, v in cli.given(args, cls).items()}
+    layers = [("recipe " + recipe, RECIPES[recipe]),
+              (f"{out_dir}/{RUN_CONFIG}" if out_dir else "saved run", saved),
+              (str(args.config), file_settings), ("command line", command)]
+    merged: dict[str, dict] = {name: {} for name in SECTIONS}
+    for where, settings in layers:
+        for section, values in cli.split_settings(settings, SECTIONS, where).items():
+            merged[section].update(values)
+    explicit = {**saved, **file_settings, **command}
+    # loop.steps, eval_every and warm-up are derived from epochs unless set explicitly.
+    task = cli.build(TaskConfig, merged["task"], "settings (task)")
+    optim_values = dict(merged["optim"])
+    if "warmup_steps" not in explicit:
+        optim_values["warmup_steps"] = 0
+    loop = cli.build(LoopConfig, merged["loop"], "settings (loop)")
+    optim = cli.build(OptimConfig, optim_values, "settings (optim)")
+    name = task.task.replace("/", "-").replace(":", "-")
+    out_dir = Path(out_dir or Path("runs") / f"finetune-{name}")
+    s = Settings(task, optim, loop, recipe, init or "", from_scratch, preset, out_dir)
+    s._explicit = set(explicit)  # type: ignore[attr-defined]
+    return s
+
+
+def _peek_config(init: str | None, preset: str) -> GPTConfig:
+    """The model config of --init without loading weights (for the recipe choice)."""
+    if init:
+        config = Path(init) / RUN_CONFIG
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if "model" in data:
+                return GPTConfig.from_dict(data["model"], where=str(config))
+            if "model_type" in data:
+                from gptjax.hf import config_from_hf
+
+                return config_from_hf(data)
+        return PRESETS["gpt1"] if "gpt" in str(init).lower() else PRESETS["cpu-small"]
+    return PRESETS[preset]
+
+
+def finalize_schedule(settings: Settings, n_train: int) -> Settings:
+    """steps = epochs x steps per epoch, evaluation every epoch, warm-up from the fraction
+    (each unless given explicitly)."""
+    explicit = getattr(settings, "_explicit", set())
+    loop, optim, task = settings.loop, settings.optim, settings.task
+    per_epoch = steps_per_epoch(n_train, loop.batch_size)
+    changes = {}
+    if "steps" not in explicit:
+        changes["steps"] = task.epochs * per_epoch
+    if "eval_every" not in explicit:
+        changes["eval_every"] = per_epoch
+    loop = dataclasses.replace(loop, **changes) if changes else loop
+    if "warmup_steps" not in explicit:
+        optim = dataclasses.replace(optim, warmup_steps=int(round(task.warmup_fraction
+                                                                 * loop.steps)))
+    return dataclasses.replace(settings, loop=loop, optim=optim)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class FinetuneResult:
+    status: str
+    signal: int | None
+    run_dir: Path
+    spec: TaskSpec
+    epochs: list  # per-evaluation records (step, epoch, val_loss, metrics)
+    best: dict  # the best evaluation record
+    chance: float | None
+    n_train: int
+    n_validation: int
+    train_result: object = None
+
+
+def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False, stop_after: int | None = None) -> FinetuneResult:
+    """Prepare everything that can fail on bad input, then the run folder, then train."""
+    tc = settings.task
+    run_dir = Path(settings.out_dir)
+    seed = settings.loop.seed
+    if resume:
+        from gptjax.tokenizer import load_tokenizer
+
+        saved = json.loads((run_dir / RUN_CONFIG).read_text())
+        cfg = GPTConfig.from_dict(saved["model"], where=str(run_dir / RUN_CONFIG))
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+        gpt_params = None
+    else:
+        cfg, gpt_params, tokenizer = load_init(settings.init, settings.from_scratch,
+                                               settings.preset, seed)
+        tokenizer, cfg, gpt_params, added = add_task_tokens(
+            tokenizer, cfg, gpt_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+        if added:
+            print(f"note: the tokenizer lacked {added}; added with new embedding rows "
+                  f"(vocab_size now {cfg.vocab_size})")
+        if tc.model_dropout is not None:
+            p = tc.model_dropout
+            cfg = cfg.replace(embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
+
+    data = load_task_data(tc)
+    spec = data.spec
+    val_split = tc.validation_split if tc.validation_split in data.splits else "validation"
+    n_ctx = min(cfg.n_ctx, tc.max_length or cfg.n_ctx)
+    arrays, examples = encode_splits(data, tokenizer, n_ctx, tc)
+    train_arrays, val_arrays = arrays["train"], arrays[val_split]
+    settings = finalize_schedule(settings, len(train_arrays))
+    loop = settings.loop
+
+    head = make_head(spec.kind, spec.n_classes, tc.head_dropout)
+    head_params = init_head(head, spec.kind, cfg.n_embd,
+                            jax.random.fold_in(jax.random.PRNGKey(seed), 2),
+                            n_choices=train_arrays.tokens.shape[1])
+    if gpt_params is None:  # resume: the structure only; values come from the checkpoint
+        gpt_params = init_params(cfg, jax.random.PRNGKey(seed))
+    params = {"gpt": gpt_params, "head": head_params}
+
+    loss_fn = make_loss_fn(cfg, head, spec.kind, lm_coef=tc.lm_coef,
+                           lm_normalization=tc.lm_normalization, regression=spec.regression)
+    predict = jax.jit(make_predict_fn(cfg, head, spec.kind))
+    batch_fn = make_batch_fn(train_arrays, loop.batch_size, seed)
+    per_epoch = steps_per_epoch(len(train_arrays), loop.batch_size)
+    best_dir = run_dir / BEST_DIR
+    main_metric = spec.metrics[0]
+    state = {"best": None}
+    if resume and (best_dir / "metrics.json").is_file():
+        state["best"] = json.loads((best_dir / "metrics.json").read_text())
+
+    def eval_fn(p):
+        outputs = batched_outputs(predict, p, val_arrays, tc.eval_batch_size)
+        _, values = outputs_to_metrics(spec, outputs, val_arrays.labels)
+        values = {("val_" + k if not k.startswith("val_") else k): v for k, v in values.items()}
+        score = values.get(f"val_{main_metric}", -values["val_loss"])
+        best = state["best"]
+        if best is None or score > best["score"]:
+            state["best"] = {"score": score, **values}
+            save_params(p, best_dir, state["best"])
+        return values
+
+    run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    (run_dir / RUN_CONFIG).write_text(json.dumps(settings.to_dict(cfg), indent=2))
+    if not resume:
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint(),
+            "data": arrays_fingerprint(train_arrays)}
+    chance = _chance(spec, examples[val_split])
+    if not quiet:
+        print(f"gptjax finetune: task {spec.name} ({spec.kind}), {len(train_arrays)} train / "
+              f"{len(val_arrays)} {val_split} examples, sequences of {train_arrays.length} "
+              f"tokens x {train_arrays.tokens.shape[1]}; {loop.steps} steps of "
+              f"{loop.batch_size} ({per_epoch} per epoch); lambda = {tc.lm_coef}; "
+              f"{'from scratch' if settings.from_scratch else 'init ' + settings.init}; "
+              f"run folder {run_dir}")
+    kwargs = {"stop_after": stop_after} if stop_after is not None else {}
+    result = train(run_dir=run_dir, loop=loop, optim=settings.optim, params=params,
+                   loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn, meta=meta,
+                   resume=resume, show_progress=not quiet, **kwargs)
+
+    epochs = _eval_records(run_dir, per_epoch)
+    best = max(epochs, key=lambda r: r.get(f"val_{main_metric}", -r["val_loss"])) \
+        if epochs else {}
+    out = FinetuneResult(result.status, result.signal, run_dir, spec, epochs, best, chance,
+                         len(train_arrays), len(val_arrays), result)
+    if result.status != "done":
+        if not quiet:
+            print(f"stopped at step {int(result.state['step'])}; continue with --resume "
+                  f"--out-dir {run_dir}")
+        return out
+    best_params = load_params(best_dir, jax.tree_util.tree_map(jnp.asarray,
+                                                               result.state["params"]))
+    for split, arr in arrays.items():
+        if split == "train":
+            continue
+        outputs = batched_outputs(predict, best_params, arr, tc.eval_batch_size)
+        preds = outputs if spec.regression else outputs.argmax(-1)
+        rows = submission_rows(spec, examples[split], preds)
+        lines = ["index\tprediction"] + [f"{uid}\t{value}" for uid, value in rows]
+        (run_dir / f"predictions_{split}.tsv").write_text("\n".join(lines) + "\n")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"task": spec.name, "kind": spec.kind, "metrics": list(spec.metrics),
+         "chance": chance, "epochs": epochs, "best": best, "n_train": len(train_arrays),
+         "n_validation": len(val_arrays), "lm_coef": tc.lm_coef,
+         "from_scratch": settings.from_scratch, "init": settings.init}, indent=1))
+    if not quiet:
+        print(format_table(out))
+    return out
+
+
+def _chance(spec: TaskSpec, examples) -> float | None:
+    if spec.regression or any(e.label is None for e in examples):
+        return None
+    from gptjax.demo_tasks import chance_accuracy
+
+    return chance_accuracy(spec, examples)
+
+
+def _eval_records(run_dir: Path, per_epoch: int) -> list[dict]:
+    """The validation records of metrics.jsonl (the last one per step, after resumes)."""
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "val_loss" in rec:
+            by_step[rec["step"]] = {"epoch": rec["step"] / per_epoch, **rec}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def format_table(result: FinetuneResult) -> str:
+    """The per-epoch validation metrics as a text table, best row marked."""
+    spec = result.spec
+    names = ["val_loss"] + [f"val_{m}" for m in spec.metrics]
+    header = ["epoch", "step"] + [n[4:] for n in names]
+    rows = []
+    for rec in result.epochs:
+        mark = " *" if rec is result.best or rec == result.best else ""
+        rows.append([f"{rec['epoch']:g}", str(rec["step"])] +
+                    [f"{rec.get(n, float('nan')):.4f}" for n in names] + [mark])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [f"task {spec.name} ({spec.kind}): {result.n_train} train / {result.n_validation} "
+             f"validation examples" + (f"; chance {result.chance:.4f}"
+                                       if result.chance is not None else "")]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + r[-1])
+    lines.append(f"* best ({spec.metrics[0]}); its params in {result.run_dir / BEST_DIR}, "
+                 f"predictions in {result.run_dir}/predictions_*.tsv")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Table 5
+
+
+TABLE5_TASKS = ("demo-classification", "demo-entailment", "demo-similarity",
+                "demo-multiple-choice")
+TABLE5_CONDITIONS = (("from scratch", True, 0.5), ("pre-trained, lambda 0.5", False, 0.5),
+                     ("pre-trained, lambda 0", False, 0.0))
+
+
+def table5(settings: Settings, *, quiet: bool = True, tasks=TABLE5_TASKS) -> str:
+    """GPT-1's Table 5 in miniature: each built-in task from scratch and pre-trained,
+    with and without the auxiliary LM loss. Returns (and writes) a Markdown table."""
+    base = Path(settings.out_dir)
+    results = {}
+    for task in tasks:
+        for label, scratch, lam in TABLE5_CONDITIONS:
+            tc = dataclasses.replace(settings.task, task=task, lm_coef=lam)
+            slug = label.replace(" ", "-").replace(",", "")
+            s = dataclasses.replace(settings, task=tc, from_scratch=scratch,
+                                    out_dir=base / f"{task}-{slug}")
+            s._explicit = getattr(settings, "_explicit", set())  # type: ignore[attr-defined]
+            r = run(s, overwrite=True, quiet=quiet)
+            results[(task, label)] = r
+            print(f"{task:22s} {label:26s} {r.spec.metrics[0]} "
+                  f"{r.best.get('val_' + r.spec.metrics[0], float('nan')):.4f}", flush=True)
+    lines = ["| task | metric | chance | " + " | ".join(c[0] for c in TABLE5_CONDITIONS) + " |",
+             "|---|---|---|" + "---|" * len(TABLE5_CONDITIONS)]
+    for task in tasks:
+        r0 = results[(task, TABLE5_CONDITIONS[0][0])]
+        metric = r0.spec.metrics[0]
+        cells = [f"{results[(task, c[0])].best.get('val_' + metric, float('nan')):.3f}"
+                 for c in TABLE5_CONDITIONS]
+        lines.append(f"| {task} | {metric} | {r0.chance:.3f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "table5.md").write_text(table + "\n")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def _run(argv):
+        args = build_parser().parse_args(argv)
+        settings = resolve(args)
+        if args.table5:
+            if args.out_dir is None:
+                settings = dataclasses.replace(settings, out_dir=Path("runs/table5"))
+                settings._explicit = resolve(args)._explicit  # type: ignore[attr-defined]
+            print(table5(settings, quiet=args.quiet or True))
+            return 0
+        result = run(settings, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        if args.quiet and result.status == "done":
+            print(format_table(result))
+        return exit_code(result.train_result)
+
+    return cli.main_wrapper(_run, argv)

@@ -1,0 +1,215 @@
+"""finetune.py end to end on tiny models: GLUE-layout files, every task kind, predictions,
+best checkpoint, exact resume, CLI errors. Plus the built-in demo tasks' construction."""
+
+import inspect
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR, Checkpointer
+from gptjax.config import GPTConfig
+from gptjax.finetune import (
+    TaskConfig,
+    build_parser,
+    load_params,
+    main,
+    make_batch_fn,
+    resolve,
+    run,
+)
+from gptjax.model import init_params
+from gptjax.tokenizer import ByteTokenizer
+from gptjax.trainer import train
+
+TINY = GPTConfig(vocab_size=261, n_ctx=48, n_layer=1, n_head=2, n_embd=32,
+                 embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A train.py-style run folder: config.json, tokenizer/, checkpoints/ (a byte tokenizer)."""
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    (run_dir / RUN_CONFIG).write_text(json.dumps({"preset": "tiny", "model": TINY.to_dict()}))
+    ByteTokenizer().save(run_dir / TOKENIZER_DIR)
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt.save(1, {"params": init_params(TINY, jax.random.PRNGKey(7))}, {})
+    ckpt.close()
+    return run_dir
+
+
+def _glue_sst2(folder, n_train=24, n_dev=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["good", "bad", "fine", "awful", "great", "poor"]
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        out = ["sentence\tlabel"]
+        for _ in range(n):
+            w = words[rng.integers(len(words))]
+            out.append(f"a {w} film \t{int(w in ('good', 'fine', 'great'))}")
+        return out
+
+    (folder / "train.tsv").write_text("\n".join(rows(n_train)) + "\n")
+    (folder / "dev.tsv").write_text("\n".join(rows(n_dev)) + "\n")
+    (folder / "test.tsv").write_text("index\tsentence\n0\ta good film\n1\ta bad film\n")
+    return folder
+
+
+def _args(pretrained, out, *extra):
+    return ["--init", str(pretrained), "--out-dir", str(out), "--quiet", "--batch-size", "8",
+            "--epochs", "2", "--lr", "1e-3", "--async-checkpoint", "false", *extra]
+
+
+def test_glue_sst2_end_to_end(tmp_path, pretrained, capsys):
+    data = _glue_sst2(tmp_path / "SST-2")
+    out = tmp_path / "run"
+    code = main(_args(pretrained, out, "--task", "sst2", "--data-dir", str(data)))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "task sst2 (classification)" in printed and "accuracy" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["step"] for r in results["epochs"]] == [3, 6]  # evaluated every epoch
+    lines = (out / "predictions_validation.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 11
+    assert all(line.split("\t")[1] in ("0", "1") for line in lines[1:])
+    test_lines = (out / "predictions_test.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in test_lines[1:]] == ["0", "1"]
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    assert saved["model"]["vocab_size"] == 261 and saved["task"]["task"] == "sst2"
+    assert (out / "best" / "params.safetensors").is_file()
+    # the run folder loads like any other (fine-tuned params = gpt + head)
+    from gptjax.checkpoint import load_run
+
+    cfg, params, tok = load_run(out)
+    assert set(params) == {"gpt", "head"} and tok.special_tokens["<extract>"] == 258
+
+
+@pytest.mark.parametrize("kind, header, rows, columns, labels", [
+    ("entailment", "p,h,y", ["it rains,it is wet,yes", "it rains,it is dry,no"] * 6,
+     "premise=p,hypothesis=h,label=y", "yes,no"),
+    ("similarity", "a,b,s", ["a cat,a cat,4.5", "a cat,a car,1.0"] * 6,
+     "text_a=a,text_b=b,label=s", ""),
+    ("multiple_choice", "q,c0,c1,c2,y", ["one two,three,zz,qq,0", "a b,c,xx,yy,0"] * 6,
+     "context=q,choices=c0|c1|c2,label=y", ""),
+])
+def test_generic_files_every_kind(tmp_path, pretrained, kind, header, rows, columns, labels):
+    f = tmp_path / "data.csv"
+    f.write_text("\n".join([header, *rows]) + "\n")
+    out = tmp_path / "run"
+    extra = ["--task", "generic", "--kind", kind, "--columns", columns, "--train-file", str(f),
+             "--validation-file", str(f), "--epochs", "1"]
+    if labels:
+        extra += ["--labels", labels]
+    assert main(_args(pretrained, out, *extra)) == 0
+    results = json.loads((out / "results.json").read_text())
+    metric = results["metrics"][0]
+    assert np.isfinite(results["best"][f"val_{metric}"])
+
+
+def test_batch_fn_is_pure_and_visits_each_example_once_per_epoch(pretrained, tmp_path):
+    from gptjax.tasks import Example, SpecialIds, encode_examples
+
+    ex = [Example(str(i), label=i % 2) for i in range(10)]
+    arrays = encode_examples("classification", ex, lambda t: [int(c) for c in t],
+                             SpecialIds(10, 11, 12, 13), 8)
+    batch_fn = make_batch_fn(arrays, 5, seed=3)
+    first = np.concatenate([batch_fn(s)["tokens"][:, 0, 1] for s in (0, 1)])
+    assert sorted(first.tolist()) == list(range(10))
+    again = make_batch_fn(arrays, 5, seed=3)
+    np.testing.assert_array_equal(again(3)["tokens"], batch_fn(3)["tokens"])
+
+
+@pytest.mark.skipif("stop_after" not in inspect.signature(train).parameters,
+                    reason="trainer without stop_after")
+def test_resume_is_exact(tmp_path, pretrained):
+    data = _glue_sst2(tmp_path / "SST-2")
+    args = _args(pretrained, tmp_path / "full", "--task", "sst2", "--data-dir", str(data))
+    full = run(resolve(build_parser().parse_args(args)), quiet=True)
+    args_b = _args(pretrained, tmp_path / "cut", "--task", "sst2", "--data-dir", str(data))
+    first = run(resolve(build_parser().parse_args(args_b)), quiet=True, stop_after=4)
+    assert first.status == "stopped"
+    resumed = run(resolve(build_parser().parse_args(args_b + ["--resume"])), resume=True,
+                  quiet=True)
+    a, b = full.train_result.state["params"], resumed.train_result.state["params"]
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert full.best == resumed.best
+    best = load_params(tmp_path / "cut" / "best", a)
+    assert jax.tree_util.tree_structure(best) == jax.tree_util.tree_structure(a)
+
+
+def test_cli_help_and_bad_input(tmp_path, pretrained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--lm-coef" in text and "--from-scratch" in text and "--table5" in text
+    assert main(["--init", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    data = _glue_sst2(tmp_path / "SST-2")
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(_args(pretrained, out, "--task", "sst2", "--data-dir", str(data)))
+    assert code == 2 and (out / "keep.txt").read_text() == "mine"
+    assert "exists" in capsys.readouterr().err
+    code = main(_args(pretrained, tmp_path / "r2", "--task", "rte", "--data-dir", str(data)))
+    assert code == 2  # the SST-2 files do not fit RTE: a clear error, no run folder
+    assert "do not fit task 'rte'" in capsys.readouterr().err
+    assert main(_args(pretrained, tmp_path / "r3", "--lm-coef", "-1")) == 2
+
+
+def test_task_config_validation():
+    with pytest.raises(ValueError, match="lm_normalization"):
+        TaskConfig(lm_normalization="batch")
+    with pytest.raises(ValueError, match="epochs"):
+        TaskConfig(epochs=0)
+
+
+# ----------------------------------------------------------------------------- demo tasks
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from gptjax import demo_tasks
+
+    return demo_tasks
+
+
+def test_demo_tasks_are_deterministic_and_split_by_held_out_text(demo):
+    docs = demo.documents()
+    held = [d.text for d in docs if d.held_out]
+    assert held and len(held) < len(docs) // 10
+    held_text = " ".join(" ".join(held).split())
+    for name in demo.DEMO_SPECS:
+        a = demo.demo_task(name, 60, 40)
+        b = demo.demo_task(name, 60, 40)
+        assert a.splits == b.splits
+        for ex in a["validation"]:  # validation text comes from held-out documents only
+            assert ex.text_a in held_text
+        assert len(a["train"]) <= 60 and len(a["validation"]) <= 40
+    assert demo.demo_name("multiple_choice") == "demo-multiple-choice"
+    with pytest.raises(ValueError, match="unknown demo task"):
+        demo.demo_name("ranking")
+
+
+def test_demo_labels_are_what_the_docstring_says(demo):
+    kinds = demo._docstring_kinds()
+    by_first_paragraph = {}
+    for text, kind in kinds.items():
+        by_first_paragraph.setdefault(demo._first_paragraph(text), set()).add(kind)
+    task = demo.demo_task("classification", 90, 30)
+    names = task.spec.labels
+    for ex in task["train"][:30]:
+        assert names[ex.label] in by_first_paragraph[ex.text_a]
+    mc = demo.demo_task("multiple_choice", 30, 10)
+    corpus = "\n".join(d.text for d in demo.documents())
+    flat = " ".join(corpus.split())
+    for ex in mc["train"][:10]:
+        assert f"{ex.text_a} {ex.choices[ex.label]}" in flat  # the answer follows the context
+    ent = demo.demo_task("entailment", 20, 10)
+    for ex in ent["train"]:
+        joined = f"{ex.text_a} {ex.text_b}" in flat
+        assert joined == (ex.label == 0)
