@@ -253,7 +253,10 @@ def attention(
             mask = None if key_mask is None else key_mask[:, None, None, :]
             if impl == "cudnn" and mask is not None:
                 # cudnn takes no boolean mask; an additive bias does the same job.
-                kwargs["bias"] = jnp.where(mask, 0.0, MASK_VALUE).astype(q.dtype)
+                # Half the dtype's minimum: MASK_VALUE itself would round to -inf in
+                # 16-bit and an all-masked (padding) row would give NaN.
+                low = float(jnp.finfo(q.dtype).min) / 2
+                kwargs["bias"] = jnp.where(mask, 0.0, low).astype(q.dtype)
                 mask = None
             y = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl, **kwargs
@@ -486,10 +489,14 @@ def lm_loss(
     `labels=input_ids`. `weights` (B, T) is aligned with `tokens` like HF labels:
     weights[:, t] scales the loss of predicting token t (weights[:, 0] is
     unused); the mean is over the weights' sum. With no weights but an
-    attention_mask, the mask is used.
+    attention_mask, a target counts where the mask is 1 at it and at the token
+    before it.
     """
     if weights is None and attention_mask is not None:
-        weights = attention_mask
+        # A target counts when it and the token before it are real: with left
+        # padding, the first real token is not predicted from a pad.
+        mask = jnp.asarray(attention_mask)
+        weights = mask.at[:, 1:].multiply(mask[:, :-1])
 
     def inputs(x):
         return None if x is None else x[:, :-1]

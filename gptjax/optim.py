@@ -58,18 +58,17 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         raise ValueError(
             f"warmup_steps={cfg.warmup_steps} is longer than training ({total_steps} steps)"
         )
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-            decay_steps=max(total_steps, 1), end_value=cfg.min_lr,
-        )
-    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
-    if cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, cfg.min_lr, max(total_steps - cfg.warmup_steps, 1))
+        alpha = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=alpha)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, cfg.min_lr, decay_steps)
     else:
         decay = optax.constant_schedule(cfg.lr)
     if cfg.warmup_steps == 0:
         return decay
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 

@@ -103,7 +103,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainResult:
     state: dict  # the final train state, un-replicated
-    status: str  # "done", "preempted"
+    status: str  # "done", "preempted" (by a signal) or "stopped" (stop_after)
     signal: int | None = None
     history: list = dataclasses.field(default_factory=list)
     evals: list = dataclasses.field(default_factory=list)
@@ -162,7 +162,7 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, *, axis_name: str | No
             loss, aux, grads = jax.tree_util.tree_map(lambda x: x / n_micro, (loss, aux, grads))
         if axis_name is not None:
             loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -219,7 +219,8 @@ class Parallel:
 
     def put_state(self, state):
         if self.mode == "jit":
-            return jax.device_put(state, self.devices[0])
+            # A copy: the step donates its input, and the caller keeps its arrays.
+            return jax.tree_util.tree_map(jnp.copy, jax.device_put(state, self.devices[0]))
         n = self.n
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         broadcast = jax.jit(
@@ -492,6 +493,7 @@ def train(
     tokens_per_step: int | None = None,
     flops_per_step: float | None = None,
     show_progress: bool = True,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train until loop.steps, evaluating, logging and checkpointing on the way.
 
@@ -501,7 +503,9 @@ def train(
     it must be a pure function of the step. eval_fn(params) -> dict of floats
     (a "val_loss" entry makes the checkpoint eligible as the best one).
     meta (JSON) is saved with every checkpoint; on resume the entries named in
-    check_keys must equal the checkpoint's.
+    check_keys must equal the checkpoint's. stop_after=k stops after step k as a
+    preemption would (checkpoint saved, status "stopped"): the schedule still spans
+    loop.steps, so a resumed run continues exactly.
     """
     from tqdm.auto import tqdm
 
@@ -587,14 +591,17 @@ def train(
                 drain()
                 done = step + 1
                 is_eval = loop.eval_every and done % loop.eval_every == 0 and done < loop.steps
-                is_ckpt = loop.ckpt_every and done % loop.ckpt_every == 0
-                if signals.received is not None:
+                is_ckpt = loop.ckpt_every and done % loop.ckpt_every == 0 and done < loop.steps
+                if signals.received is not None or done == stop_after:
                     drain(force=True)
                     host_state = parallel.get_state(state)
                     save(host_state)
                     ckpt.wait()
-                    result.status, result.signal = "preempted", signals.received
-                    log.warning("saved step %d after signal %d", done, signals.received)
+                    if signals.received is not None:
+                        result.status, result.signal = "preempted", signals.received
+                        log.warning("saved step %d after signal %d", done, signals.received)
+                    else:
+                        result.status = "stopped"
                     break
                 if is_eval or is_ckpt:
                     drain(force=True)

@@ -1,0 +1,284 @@
+"""The train step and loop: accumulation, weight decay mask, exact resume, NaN policy,
+checkpoint robustness, and pmap on 8 CPU devices == 1 device."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax import model as M
+from gptjax.checkpoint import Checkpointer, CheckpointError
+from gptjax.config import GPTConfig
+from gptjax.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
+from gptjax.trainer import (
+    LoopConfig,
+    TrainingDiverged,
+    flops_per_token,
+    init_state,
+    make_train_step,
+    train,
+)
+
+CFG = GPTConfig(vocab_size=61, n_ctx=16, n_layer=2, n_head=2, n_embd=32, embd_pdrop=0.1,
+                attn_pdrop=0.0, resid_pdrop=0.1)
+DATA = np.random.default_rng(0).integers(0, CFG.vocab_size, 4000)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch_fn(step, batch_size=8):
+    rng = np.random.default_rng([7, step])
+    starts = rng.integers(0, len(DATA) - CFG.n_ctx - 1, batch_size)
+    return {"tokens": np.stack([DATA[s:s + CFG.n_ctx + 1] for s in starts]).astype(np.int32)}
+
+
+def loss_fn(params, batch, rng):
+    return M.lm_loss(params, batch["tokens"], CFG, train=True, rng=rng), {}
+
+
+def run(tmp, steps, *, resume=False, stop_after=None, loss=loss_fn, **loop):
+    loop = LoopConfig(steps=steps, batch_size=8, eval_every=0, log_every=1, prefetch=1,
+                      **loop)
+    return train(run_dir=tmp, loop=loop, optim=OptimConfig(lr=3e-3, warmup_steps=2),
+                 params=M.init_params(CFG, jax.random.PRNGKey(0)), loss_fn=loss,
+                 batch_fn=batch_fn, meta={"model": CFG.to_dict()}, resume=resume,
+                 stop_after=stop_after, show_progress=False)
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_weight_decay_mask_is_explicit():
+    params = M.init_params(CFG.replace(norm="pre"), jax.random.PRNGKey(0))
+    mask = weight_decay_mask({"gpt": params, "head": {"kernel": 1.0, "bias": 0.0}})
+    flat = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(mask)[0]}
+    decayed = sorted(k for k, v in flat.items() if v)
+    assert decayed == sorted([
+        "['gpt']['h']['attn']['c_attn']['w']", "['gpt']['h']['attn']['c_proj']['w']",
+        "['gpt']['h']['mlp']['c_fc']['w']", "['gpt']['h']['mlp']['c_proj']['w']",
+        "['gpt']['wpe']", "['gpt']['wte']", "['head']['kernel']",
+    ])
+    assert not flat["['gpt']['ln_f']['g']"] and not flat["['gpt']['h']['attn']['c_attn']['b']"]
+
+
+def test_weight_decay_touches_only_matrices():
+    params = M.init_params(CFG, jax.random.PRNGKey(0))
+    opt = make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, schedule="constant",
+                                     weight_decay=0.5, clip_norm=0), 10)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    assert float(jnp.abs(updates["h"]["ln_1"]["g"]).max()) == 0.0
+    assert float(jnp.abs(updates["h"]["mlp"]["c_fc"]["b"]).max()) == 0.0
+    np.testing.assert_allclose(updates["wte"], -0.1 * 0.5 * params["wte"], rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    sched = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr=0.1), 110)
+    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
+    assert abs(float(sched(60)) - 0.55) < 1e-3 and abs(float(sched(110)) - 0.1) < 1e-6
+    lin = make_schedule(OptimConfig(lr=1.0, warmup_steps=2, schedule="linear"), 12)
+    assert abs(float(lin(7)) - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="warmup_steps=20 is longer than training"):
+        make_schedule(OptimConfig(warmup_steps=20), 10)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    cfg = CFG.replace(embd_pdrop=0.0, resid_pdrop=0.0)
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    # plain SGD, so the parameter change is the gradient itself (Adam's first step
+    # is ~sign(g) and would magnify rounding in near-zero gradients)
+    opt = optax.sgd(1.0)
+    sched = optax.constant_schedule(1.0)
+
+    def loss(p, b, rng):
+        return M.lm_loss(p, b["tokens"], cfg), {}
+
+    step = jax.jit(make_train_step(loss, opt, sched))
+    tokens = batch_fn(0)["tokens"]
+    full, m_full = step(init_state(params, opt, 0), {"tokens": tokens[None]})
+    acc, m_acc = step(init_state(params, opt, 0), {"tokens": tokens.reshape(4, 2, -1)})
+    np.testing.assert_allclose(float(m_full["loss"]), float(m_acc["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(full["params"]),
+                    jax.tree_util.tree_leaves(acc["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_resume_is_bit_identical(tmp_path, k):
+    steps = 6
+    full = run(tmp_path / "full", steps)
+    part = run(tmp_path / "part", steps, stop_after=k)
+    assert part.status == "stopped" and int(part.state["step"]) == k
+    resumed = run(tmp_path / "part", steps, resume=True)
+    assert [h["loss"] for h in part.history + resumed.history] == \
+        [h["loss"] for h in full.history]
+    assert_trees_equal(resumed.state["params"], full.state["params"])
+    assert_trees_equal(resumed.state["opt_state"], full.state["opt_state"])
+    assert_trees_equal(resumed.state["rng"], full.state["rng"])
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run(tmp_path, 2, stop_after=1)
+    with pytest.raises(CheckpointError, match="model differs.*n_layer"):
+        train(run_dir=tmp_path, loop=LoopConfig(steps=2, batch_size=8, eval_every=0),
+              optim=OptimConfig(lr=1e-3, warmup_steps=0),
+              params=M.init_params(CFG, jax.random.PRNGKey(0)), loss_fn=loss_fn,
+              batch_fn=batch_fn, meta={"model": CFG.replace(n_layer=3).to_dict()},
+              resume=True, show_progress=False)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    poison = {3, 4}
+
+    def poisoned(params, batch, rng):
+        loss, aux = loss_fn(params, batch, rng)
+        return jnp.where(batch["bad"][0] > 0, jnp.nan, loss), aux
+
+    def batches(step):
+        return {**batch_fn(step), "bad": np.full((8,), step in poison, np.int32)}
+
+    loop = LoopConfig(steps=8, batch_size=8, eval_every=0, ckpt_every=2, log_every=1,
+                      max_nonfinite=3)
+    args = dict(run_dir=tmp_path, loop=loop, optim=OptimConfig(lr=3e-3, warmup_steps=0),
+                params=M.init_params(CFG, jax.random.PRNGKey(0)), loss_fn=poisoned,
+                batch_fn=batches, show_progress=False)
+    result = train(**args)
+    skipped = [h["step"] for h in result.history if h["nonfinite"] > 0]
+    assert skipped == [4, 5] and result.history[-1]["skipped"] == 2
+    assert np.isfinite(result.history[-1]["loss"])
+
+    # parameters and optimizer state unchanged by a skipped step
+    opt = make_optimizer(OptimConfig(lr=3e-3, warmup_steps=0), 8)
+    step = jax.jit(make_train_step(poisoned, opt, make_schedule(OptimConfig(warmup_steps=0), 8)))
+    state = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
+    bad = {k: v[None] for k, v in batches(3).items()}
+    new, metrics = step(jax.tree_util.tree_map(jnp.copy, state), bad)
+    assert not bool(metrics["finite"]) and int(new["skipped"]) == 1
+    assert_trees_equal(new["params"], state["params"])
+    assert_trees_equal(new["opt_state"], state["opt_state"])
+
+    poison.update(range(3, 8))
+    shutil.rmtree(tmp_path)
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        train(**args)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    # step 4 was saved after a skipped step: its parameters are the good ones of step 3
+    assert ckpt.steps() == [2, 4]
+    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
+    for saved in ckpt.steps():
+        state, _, _ = ckpt.restore(target, step=saved)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+    ckpt.close()
+
+
+def test_planted_and_corrupted_checkpoints_fall_back(tmp_path, caplog):
+    run(tmp_path, 4, ckpt_every=2)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
+    (ckpts / "9").mkdir()  # a planted partial folder
+    (ckpts / "9" / "junk").write_text("not a checkpoint")
+    (ckpts / "5.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save
+    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)),
+                        make_optimizer(OptimConfig(warmup_steps=0), 4), 0)
+    ckpt = Checkpointer(ckpts)
+    state, _, step = ckpt.restore(target)
+    assert step == 4 and int(state["step"]) == 4
+    # corrupt step 4: restore falls back to step 2 and says so
+    for f in (ckpts / "4").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
+            f.write_bytes(b"\0garbage")
+    with caplog.at_level("WARNING"):
+        state, _, step = ckpt.restore(target)
+    assert step == 2 and int(state["step"]) == 2
+    assert "step 4" in caplog.text and "unreadable" in caplog.text
+    # nothing readable at all: an error naming the steps, never a silent fresh start
+    for s in ("2",):
+        for f in (ckpts / s).rglob("*"):
+            if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
+                f.write_bytes(b"\0garbage")
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*step 4.*step 2"):
+        ckpt.restore(target)
+    ckpt.close()
+
+
+def test_flops_per_token_formula():
+    cfg = GPTConfig(vocab_size=100, n_ctx=8, n_layer=2, n_head=2, n_embd=16)
+    matmul = 2 * (4 * 16 * 16 + 2 * 16 * 64) + 100 * 16
+    assert flops_per_token(cfg) == 6 * matmul + 6 * 2 * 8 * 16
+
+
+PMAP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_train as T
+    from gptjax.trainer import LoopConfig, train
+    from gptjax.optim import OptimConfig
+    from gptjax import model as M
+    cfg = T.CFG.replace(embd_pdrop=0.0, resid_pdrop=0.0)
+    def loss(p, b, rng):
+        return M.lm_loss(p, b["tokens"], cfg), {{}}
+    out = {{}}
+    for name, devices, accum in (("one", 1, 1), ("eight", 8, 1), ("eight_accum", 8, 2)):
+        loop = LoopConfig(steps=3, batch_size=16, devices=devices, grad_accum=accum,
+                          eval_every=0, log_every=1)
+        r = train(run_dir=sys.argv[1] + "/" + name, loop=loop,
+                  optim=OptimConfig(lr=1e-2, warmup_steps=1), params=M.init_params(cfg,
+                  jax.random.PRNGKey(0)), loss_fn=loss, batch_fn=lambda s: T.batch_fn(s, 16),
+                  show_progress=False)
+        np.savez(sys.argv[1] + "/" + name + ".npz",
+                 *[np.asarray(x) for x in jax.tree_util.tree_leaves(r.state["params"])])
+        out[name] = [h["loss"] for h in r.history]
+    out["devices"] = jax.local_device_count()
+    print(json.dumps(out))
+""")
+
+
+def test_pmap_on_eight_devices_equals_one_device(tmp_path):
+    script = tmp_path / "pmap_check.py"
+    script.write_text(PMAP_SCRIPT.format(tests=str(ROOT / "tests")))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    np.testing.assert_allclose(out["eight"], out["one"], atol=1e-5)
+    np.testing.assert_allclose(out["eight_accum"], out["one"], atol=1e-5)
+    one = np.load(tmp_path / "one.npz")
+    for name in ("eight", "eight_accum"):
+        other = np.load(tmp_path / f"{name}.npz")
+        for key in one.files:
+            np.testing.assert_allclose(other[key], one[key], atol=1e-5)
+    # a checkpoint saved on 8 devices restores on 1 (this process has one device)
+    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1), 3)
+    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
+    ckpt = Checkpointer(tmp_path / "eight" / "checkpoints")
+    state, _, step = ckpt.restore(target)
+    ckpt.close()
+    assert step == 3
+    restored = jax.tree_util.tree_leaves(state["params"])
+    for key, leaf in zip(one.files, restored):
+        np.testing.assert_allclose(np.asarray(leaf), one[key], atol=1e-5)
+
+
+def test_batch_must_divide_by_devices(tmp_path):
+    with pytest.raises(ValueError, match="batch_size=10 is not divisible by grad_accum=4"):
+        LoopConfig(batch_size=10, grad_accum=4)
+    with pytest.raises(ValueError, match="devices=64 but only"):
+        run(tmp_path / "run", 2, devices=64)
+    assert not (tmp_path / "run").exists()
