@@ -575,8 +575,9 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
         tokenizer, cfg, gpt_params, added = add_task_tokens(
             tokenizer, cfg, gpt_params, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
         if added:
-            print(f"note: the tokenizer lacked {added}; added with new embedding rows "
-                  f"(vocab_size now {cfg.vocab_size})")
+            print(f"note: the model lacked the special tokens {added}; added to the tokenizer "
+                  f"and given new embedding rows N(0, {cfg.init_std}) (vocab_size now "
+                  f"{cfg.vocab_size})")
         if tc.model_dropout is not None:
             p = tc.model_dropout
             cfg = cfg.replace(embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)

@@ -362,24 +362,32 @@ def add_task_tokens(tokenizer, cfg: GPTConfig, params: dict, key: jax.Array):
     """Make sure tokenizer and model have `<start>`, `<delim>`, `<extract>`, `<pad>`.
 
     Missing names are appended to the tokenizer (`add_special_tokens`) and their
-    embedding rows drawn N(0, 0.02) (`grow_vocab`); a message names them.
-    Returns (tokenizer, cfg, params, added_names). A tokenizer larger than the
-    model's vocabulary is an error: its ids would have no embedding row.
+    embedding rows drawn N(0, 0.02) (`grow_vocab`); a message names them. Special
+    tokens the tokenizer has but the model has no row for (a loader that appended
+    them to a pre-trained vocabulary) get new rows the same way. Returns
+    (tokenizer, cfg, params, added_names). Any other id past the model's
+    vocabulary is an error: it would have no embedding row.
     """
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
     have = tokenizer.special_tokens
     missing = [n for n in TASK_SPECIAL_TOKENS if n not in have]
-    if not missing:
+    if missing:
+        tokenizer = tokenizer.add_special_tokens(missing)
+    specials = tokenizer.special_tokens
+    rowless = [n for n, i in specials.items() if i >= cfg.vocab_size]
+    rowless_ids = {specials[n] for n in rowless}
+    others = [i for i in range(cfg.vocab_size, tokenizer.vocab_size) if i not in rowless_ids]
+    if others:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {cfg.vocab_size} (id {others[0]} is no special token)")
+    added = list(dict.fromkeys(missing + rowless))
+    if not added:
         return tokenizer, cfg, params, []
-    tokenizer = tokenizer.add_special_tokens(missing)
-    new_ids = [tokenizer.token_id(n) for n in missing]
+    new_ids = [specials[n] for n in added]
     cfg, params = grow_vocab(cfg, params, new_ids, key)
-    logger.warning("the tokenizer lacked %s: added as ids %s with new embedding rows "
-                   "N(0, %g); vocab_size is now %d", missing, new_ids, cfg.init_std,
-                   cfg.vocab_size)
-    return tokenizer, cfg, params, missing
+    logger.warning("the model lacked the special tokens %s: added as ids %s with new "
+                   "embedding rows N(0, %g); vocab_size is now %d", added, new_ids,
+                   cfg.init_std, cfg.vocab_size)
+    return tokenizer, cfg, params, added
 
 
 # ----------------------------------------------------------------------------- the model

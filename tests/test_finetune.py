@@ -161,6 +161,35 @@ def test_cli_help_and_bad_input(tmp_path, pretrained, capsys):
     assert main(_args(pretrained, tmp_path / "r3", "--lm-coef", "-1")) == 2
 
 
+def test_checkpoint_whose_tokenizer_lacks_the_special_tokens(tmp_path, capsys):
+    """A run folder holding a plain tokenizer.json without <start> etc.: the loader appends
+    them, finetune gives them embedding rows and says so; the source run is untouched."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    words = ["[UNK]", "a", "good", "bad", "film", "fine", "awful", "great", "poor"]
+    backend = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                    unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    run_dir = tmp_path / "plain"
+    (run_dir / TOKENIZER_DIR).mkdir(parents=True)
+    backend.save(str(run_dir / TOKENIZER_DIR / "tokenizer.json"))
+    cfg = TINY.replace(vocab_size=len(words))
+    (run_dir / RUN_CONFIG).write_text(json.dumps({"model": cfg.to_dict()}))
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    ckpt.save(1, {"params": init_params(cfg, jax.random.PRNGKey(0))}, {})
+    ckpt.close()
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    data = _glue_sst2(tmp_path / "SST-2", n_train=8, n_dev=4)
+    out = tmp_path / "run"
+    args = _args(run_dir, out, "--task", "sst2", "--data-dir", str(data), "--epochs", "1")
+    assert main([a for a in args if a != "--quiet"]) == 0
+    assert "lacked the special tokens" in capsys.readouterr().out
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    assert saved["model"]["vocab_size"] == len(words) + 5  # <eos> comes along too
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
 def test_task_config_validation():
     with pytest.raises(ValueError, match="lm_normalization"):
         TaskConfig(lm_normalization="batch")

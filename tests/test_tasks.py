@@ -167,13 +167,18 @@ def test_add_task_tokens_grows_tokenizer_and_model(caplog):
     assert added == ["<start>", "<delim>", "<extract>", "<pad>"]
     assert tok2.special_tokens["<start>"] == 30 and cfg2.vocab_size == 34
     assert p2["wte"].shape == (34, 8)
-    assert "lacked" in caplog.text
+    assert "lacked" in caplog.text and "<start>" in caplog.text
     assert SpecialIds.from_tokenizer(tok2) == SpecialIds(30, 31, 32, 33)
     # nothing missing: unchanged
     same = add_task_tokens(tok2, cfg2, p2, jax.random.key(2))
     assert same[0] is tok2 and same[2] is p2 and same[3] == []
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="no special token"):
         add_task_tokens(FakeTokenizer(40, {}), cfg, params, jax.random.key(1))
+    # a loader already appended the specials to the vocabulary: the model gets their rows
+    appended = FakeTokenizer(34, {"<start>": 30, "<delim>": 31, "<extract>": 32, "<pad>": 33})
+    tok3, cfg3, p3, added3 = add_task_tokens(appended, cfg, params, jax.random.key(1))
+    assert tok3 is appended and added3 == ["<start>", "<delim>", "<extract>", "<pad>"]
+    assert cfg3.vocab_size == 34 and p3["wte"].shape == (34, 8)
 
 
 # ----------------------------------------------------------------------------- the loss
