@@ -176,7 +176,8 @@ def _split_docs(held_out: bool) -> list[Document]:
     return [d for d in documents() if d.held_out == held_out]
 
 
-def _classification(docs, n, rng) -> list[Example]:
+def _classification(held_out, n, rng) -> list[Example]:
+    docs = _split_docs(held_out)
     labels = DEMO_SPECS["demo-classification"].labels
     by_kind = {k: [d for d in docs if d.kind == k] for k in labels}
     examples = []
@@ -188,9 +189,11 @@ def _classification(docs, n, rng) -> list[Example]:
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
-def _sentence_table(docs):
-    """Per document with any kept sentence: its sentence list (None where text was left out)."""
-    table = [sentences(d.text) for d in docs]
+@functools.lru_cache(maxsize=2)
+def _sentence_table(held_out: bool):
+    """Per document of the split with any kept sentence: its sentence list (None where
+    text was left out)."""
+    table = [sentences(d.text) for d in _split_docs(held_out)]
     return [s for s in table if any(x is not None for x in s)]
 
 
@@ -208,8 +211,8 @@ def _other_sentence(table, doc_index, rng) -> str:
             return kept[int(rng.integers(len(kept)))]
 
 
-def _entailment(docs, n, rng) -> list[Example]:
-    table = _sentence_table(docs)
+def _entailment(held_out, n, rng) -> list[Example]:
+    table = _sentence_table(held_out)
     pairs = _adjacent_pairs(table)
     examples = []
     for k, idx in enumerate(rng.permutation(len(pairs))[:n]):
@@ -223,8 +226,8 @@ def _entailment(docs, n, rng) -> list[Example]:
     return examples
 
 
-def _similarity(docs, n, rng) -> list[Example]:
-    table = _sentence_table(docs)
+def _similarity(held_out, n, rng) -> list[Example]:
+    table = _sentence_table(held_out)
     kept = [[x for x in sents if x is not None] for sents in table]
     multi = [d for d, sents in enumerate(kept) if len(sents) >= 2]
     examples = []
@@ -239,8 +242,8 @@ def _similarity(docs, n, rng) -> list[Example]:
     return examples
 
 
-def _multiple_choice(docs, n, rng) -> list[Example]:
-    table = _sentence_table(docs)
+def _multiple_choice(held_out, n, rng) -> list[Example]:
+    table = _sentence_table(held_out)
     pairs = _adjacent_pairs(table)
     examples = []
     for idx in rng.permutation(len(pairs))[:n]:
@@ -286,7 +289,7 @@ def demo_task(name_or_kind: str, n_train: int | None = None, n_val: int | None =
     splits = {}
     for split, held_out in (("train", False), ("validation", True)):
         rng = np.random.default_rng([seed, int(held_out)])
-        examples = build(_split_docs(held_out), sizes[split], rng)
+        examples = build(held_out, sizes[split], rng)
         if not examples:
             raise ValueError(f"{name}: the built-in corpus gave no {split} examples")
         splits[split] = examples

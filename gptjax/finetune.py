@@ -177,6 +177,9 @@ class Settings:
     from_scratch: bool
     preset: str
     out_dir: Path
+    # Settings given explicitly (saved run, config file, command line), which the
+    # epoch-derived defaults (steps, eval_every, warmup_steps) must not replace.
+    explicit: frozenset = frozenset()
 
     def to_dict(self, cfg: GPTConfig | None = None) -> dict:
         out = {"task": dataclasses.asdict(self.task), "optim": dataclasses.asdict(self.optim),
@@ -432,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-scratch", action="store_true",
                         help="random weights (architecture and tokenizer from --init if "
                              "given, else --preset): GPT-1's no-pre-training ablation")
-    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
-                        help="model of --from-scratch without --init")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model of --from-scratch without --init (default: cpu-small)")
     parser.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                         help="fine-tuning defaults (default: gpt1 for models 768 wide or more, "
                              "else cpu)")
@@ -474,7 +477,8 @@ def resolve(args: argparse.Namespace) -> Settings:
     init = args.init or file_meta.get("init") or saved_meta.get("init")
     from_scratch = bool(args.from_scratch or file_meta.get("from_scratch")
                         or saved_meta.get("from_scratch"))
-    preset = file_meta.get("preset") or saved_meta.get("preset") or args.preset
+    preset = (args.preset or file_meta.get("preset") or saved_meta.get("preset")
+              or "cpu-small")
     if init is None and not from_scratch:
         init = DEFAULT_INIT
     recipe = args.recipe or file_meta.get("recipe") or saved_meta.get("recipe")
@@ -500,9 +504,8 @@ def resolve(args: argparse.Namespace) -> Settings:
     optim = cli.build(OptimConfig, optim_values, "settings (optim)")
     name = task.task.replace("/", "-").replace(":", "-")
     out_dir = Path(out_dir or Path("runs") / f"finetune-{name}")
-    s = Settings(task, optim, loop, recipe, init or "", from_scratch, preset, out_dir)
-    s._explicit = set(explicit)  # type: ignore[attr-defined]
-    return s
+    return Settings(task, optim, loop, recipe, init or "", from_scratch, preset, out_dir,
+                    frozenset(explicit))
 
 
 def _peek_config(init: str | None, preset: str) -> GPTConfig:
@@ -524,7 +527,7 @@ def _peek_config(init: str | None, preset: str) -> GPTConfig:
 def finalize_schedule(settings: Settings, n_train: int) -> Settings:
     """steps = epochs x steps per epoch, evaluation every epoch, warm-up from the fraction
     (each unless given explicitly)."""
-    explicit = getattr(settings, "_explicit", set())
+    explicit = settings.explicit
     loop, optim, task = settings.loop, settings.optim, settings.task
     per_epoch = steps_per_epoch(n_train, loop.batch_size)
     changes = {}
@@ -730,7 +733,6 @@ def table5(settings: Settings, *, quiet: bool = True, tasks=TABLE5_TASKS) -> str
             slug = label.replace(" ", "-").replace(",", "")
             s = dataclasses.replace(settings, task=tc, from_scratch=scratch,
                                     out_dir=base / f"{task}-{slug}")
-            s._explicit = getattr(settings, "_explicit", set())  # type: ignore[attr-defined]
             r = run(s, overwrite=True, quiet=quiet)
             results[(task, label)] = r
             print(f"{task:22s} {label:26s} {r.spec.metrics[0]} "
@@ -756,8 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.table5:
             if args.out_dir is None:
                 settings = dataclasses.replace(settings, out_dir=Path("runs/table5"))
-                settings._explicit = resolve(args)._explicit  # type: ignore[attr-defined]
-            print(table5(settings, quiet=args.quiet or True))
+            print(table5(settings))
             return 0
         result = run(settings, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
         if args.quiet and result.status == "done":

@@ -87,10 +87,10 @@ def test_glue_sst2_end_to_end(tmp_path, pretrained, capsys):
 
 
 @pytest.mark.parametrize("kind, header, rows, columns, labels", [
-    ("entailment", "p,h,y", ["it rains,it is wet,yes", "it rains,it is dry,no"] * 6,
-     "premise=p,hypothesis=h,label=y", "yes,no"),
-    ("similarity", "a,b,s", ["a cat,a cat,4.5", "a cat,a car,1.0"] * 6,
-     "text_a=a,text_b=b,label=s", ""),
+    pytest.param("entailment", "p,h,y", ["it rains,it is wet,yes", "it rains,it is dry,no"] * 6,
+                 "premise=p,hypothesis=h,label=y", "yes,no", marks=pytest.mark.slow),
+    pytest.param("similarity", "a,b,s", ["a cat,a cat,4.5", "a cat,a car,1.0"] * 6,
+                 "text_a=a,text_b=b,label=s", "", marks=pytest.mark.slow),
     ("multiple_choice", "q,c0,c1,c2,y", ["one two,three,zz,qq,0", "a b,c,xx,yy,0"] * 6,
      "context=q,choices=c0|c1|c2,label=y", ""),
 ])
