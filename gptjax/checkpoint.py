@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,14 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    def restore(self, target: Any, step: int | None = None,
+                check: Callable[[dict, int], None] | None = None) -> tuple[Any, dict, int]:
         """Restore into the structure of `target` (arrays or ShapeDtypeStructs).
 
         With no step, the newest readable one; unreadable steps are skipped with a
-        warning. Returns (state, meta, step).
+        warning. `check(meta, step)` runs on the metadata before the arrays are
+        read, so a mismatched model is reported as such (its errors propagate).
+        Returns (state, meta, step).
         """
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
@@ -94,19 +98,25 @@ class Checkpointer:
         failures = []
         for s in steps:
             try:
-                out = self.manager.restore(
-                    s,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                            meta=ocp.args.JsonRestore()),
-                )
+                meta = self.restore_meta(s)
             except Exception as err:  # orbax raises many types for a bad folder
-                failures.append(f"step {s}: {type(err).__name__}: {str(err)[:200]}")
-                log.warning("checkpoint at step %s in %s is unreadable (%s); trying an older one",
-                            s, self.directory, failures[-1])
-                continue
-            if failures:
-                log.warning("restored step %s after skipping unreadable step(s)", s)
-            return out["state"], out["meta"], s
+                meta, error = None, err
+            if meta is not None:
+                if check is not None:
+                    check(meta, s)
+                try:
+                    out = self.manager.restore(
+                        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                    )
+                except Exception as err:
+                    error = err
+                else:
+                    if failures:
+                        log.warning("restored step %s after skipping unreadable step(s)", s)
+                    return out["state"], meta, s
+            failures.append(f"step {s}: {type(error).__name__}: {str(error)[:200]}")
+            log.warning("checkpoint at step %s in %s is unreadable (%s); trying an older one",
+                        s, self.directory, failures[-1])
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}; tried " + "; ".join(failures)
         )
@@ -137,6 +147,24 @@ def check_meta(saved: dict, current: dict, keys: tuple[str, ...], where: str) ->
             else:
                 detail = f"checkpoint {a!r} vs now {b!r}"
             raise CheckpointError(f"cannot resume from {where}: {key} differs ({detail})")
+
+
+def verify_resume(run_dir: str | Path, meta: dict, keys: tuple[str, ...]) -> None:
+    """Check a run's newest readable checkpoint metadata before anything is written."""
+    ckpt = Checkpointer(Path(run_dir) / CHECKPOINT_DIR, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt.directory}")
+        for step in steps[::-1]:
+            try:
+                saved = ckpt.restore_meta(step)
+            except Exception:  # unreadable: restore() will say so and fall back
+                continue
+            check_meta(saved, meta, keys, f"{run_dir} (step {step})")
+            return
+    finally:
+        ckpt.close()
 
 
 def load_run(run_dir: str | Path, *, which: str = "latest"):

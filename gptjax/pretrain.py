@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from gptjax import cli
-from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR
+from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
 from gptjax.config import PRESETS, GPTConfig
 from gptjax.data import (
     eval_batches,
@@ -35,7 +35,7 @@ from gptjax.data import (
     text_fingerprint,
     train_batch,
 )
-from gptjax.model import init_params, lm_loss
+from gptjax.model import count_params, init_params, lm_loss
 from gptjax.optim import OptimConfig, make_schedule
 from gptjax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from gptjax.trainer import (
@@ -51,6 +51,7 @@ from gptjax.trainer import (
 log = logging.getLogger("gptjax.pretrain")
 
 DEFAULT_PRESET = "cpu-small"
+CHECK_KEYS = ("model", "tokenizer", "data")
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def _cache_dir(data: DataConfig) -> Path:
 
 
 def make_tokenizer(settings: RunSettings, texts: list[str]) -> Tokenizer:
-    """The run's tokenizer: the saved one on resume, else built or loaded as configured."""
+    """The run's tokenizer, built or loaded as configured."""
     kind = settings.data.tokenizer
     if kind in ("bpe", "char", "byte"):
         return build_tokenizer(kind, texts, settings.model.vocab_size if kind == "bpe" else None)
@@ -283,10 +284,9 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
                        hf_split=data.hf_split)
     source_fp = text_fingerprint(texts)
     run_tokenizer = Path(settings.out_dir) / TOKENIZER_DIR
-    if resume and data.tokenizer in ("bpe", "char", "byte") and run_tokenizer.exists():
-        tokenizer = load_tokenizer(run_tokenizer)
-    else:
-        tokenizer = make_tokenizer(settings, texts)
+    # Built afresh on resume too (training is deterministic): its fingerprint must
+    # equal the checkpoint's, which catches a changed tokenizer setting or file.
+    tokenizer = make_tokenizer(settings, texts)
     settings = fit_vocab(settings, tokenizer)
     cfg = settings.model
     cache = _cache_dir(data) / f"{tokenizer.fingerprint()[:16]}-{source_fp[:16]}"
@@ -298,12 +298,14 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
     eval_fn = make_eval_fn(cfg, tokens.val, loop.batch_size, data.eval_batches,
                            tokens.bits_per_byte)
 
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint(),
+            "data": tokens.meta.get("source_fingerprint", source_fp)}
     run_dir = prepare_run_dir(settings.out_dir, resume=resume, overwrite=overwrite)
+    if resume:  # refuse a different model, tokenizer or corpus before writing anything
+        verify_resume(run_dir, meta, CHECK_KEYS)
     (run_dir / RUN_CONFIG).write_text(json.dumps(settings.to_dict(), indent=2))
     if not resume or not run_tokenizer.exists():
         tokenizer.save(run_tokenizer)
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint(),
-            "data": tokens.meta.get("source_fingerprint", source_fp)}
 
     def batch_fn(step):
         return {"tokens": train_batch(tokens.train, seed=loop.seed, step=step,
@@ -314,13 +316,13 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
 
     params = init_params(cfg, jax.random.PRNGKey(loop.seed))
     tokens_per_step = loop.batch_size * cfg.n_ctx
-    print(f"gptjax: {settings.preset} model, {sum(x.size for x in jax.tree_util.tree_leaves(params)):,} "
+    print(f"gptjax: {settings.preset} model, {count_params(params):,} "
           f"parameters, {len(tokens.train):,} training tokens, {loop.steps} steps of "
           f"{tokens_per_step:,} tokens, on {jax.local_device_count()} {jax.default_backend()} "
           f"device(s); run folder {run_dir}")
     result = train(run_dir=run_dir, loop=loop, optim=settings.optim, params=params,
                    loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn, meta=meta,
-                   resume=resume, tokens_per_step=tokens_per_step,
+                   resume=resume, check_keys=CHECK_KEYS, tokens_per_step=tokens_per_step,
                    flops_per_step=flops_per_token(cfg) * tokens_per_step,
                    show_progress=not quiet)
     plot_losses(run_dir)

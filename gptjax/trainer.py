@@ -519,8 +519,9 @@ def train(
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=loop.keep,
                         async_save=loop.async_checkpoint)
     if resume:
-        state, saved_meta, saved_step = ckpt.restore(state)
-        check_meta(saved_meta, meta, check_keys, f"{run_dir} (step {saved_step})")
+        state, _, saved_step = ckpt.restore(
+            state, check=lambda saved, s: check_meta(saved, meta, check_keys,
+                                                     f"{run_dir} (step {s})"))
         log.info("resumed %s at step %d", run_dir, saved_step)
     start = int(state["step"])
     logger = MetricsLog(run_dir, loop, meta)

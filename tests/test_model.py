@@ -1,6 +1,5 @@
 """Invariants of the functional core: shapes, causality, tied logits, loop == scan, dropout."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
