@@ -190,6 +190,32 @@ def test_checkpoint_whose_tokenizer_lacks_the_special_tokens(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
+def test_init_from_hugging_face_folder(tmp_path, capsys):
+    """An openai-gpt folder (config.json + model.safetensors + tokenizer.json without the
+    task tokens): loaded by hf.load_pretrained, the task tokens added with a message."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from gptjax import hf
+
+    words = ["[UNK]", "a", "good", "bad", "film", "fine", "awful", "great", "poor"]
+    cfg = TINY.replace(vocab_size=len(words), norm="post")
+    folder = tmp_path / "openai-gpt-tiny"
+    hf.save_pretrained(cfg, init_params(cfg, jax.random.PRNGKey(1)), folder)
+    backend = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                    unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(folder / "tokenizer.json"))
+    data = _glue_sst2(tmp_path / "SST-2", n_train=8, n_dev=4)
+    out = tmp_path / "run"
+    args = _args(folder, out, "--task", "sst2", "--data-dir", str(data), "--epochs", "1")
+    assert main([a for a in args if a != "--quiet"]) == 0
+    assert "lacked the special tokens ['<start>', '<delim>', '<extract>', '<pad>']" in \
+        capsys.readouterr().out
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    assert saved["model"]["vocab_size"] == len(words) + 4 and saved["model"]["norm"] == "post"
+
+
 def test_task_config_validation():
     with pytest.raises(ValueError, match="lm_normalization"):
         TaskConfig(lm_normalization="batch")
