@@ -617,7 +617,7 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
         outputs = batched_outputs(predict, p, val_arrays, tc.eval_batch_size)
         _, values = outputs_to_metrics(spec, outputs, val_arrays.labels)
         values = {("val_" + k if not k.startswith("val_") else k): v for k, v in values.items()}
-        score = values.get(f"val_{main_metric}", -values["val_loss"])
+        score = _score(values, main_metric)
         best = state["best"]
         if best is None or score > best["score"]:
             state["best"] = {"score": score, **values}
@@ -644,8 +644,7 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
                    resume=resume, show_progress=not quiet, **kwargs)
 
     epochs = _eval_records(run_dir, per_epoch)
-    best = max(epochs, key=lambda r: r.get(f"val_{main_metric}", -r["val_loss"])) \
-        if epochs else {}
+    best = max(epochs, key=lambda r: _score(r, main_metric)) if epochs else {}
     out = FinetuneResult(result.status, result.signal, run_dir, spec, epochs, best, chance,
                          len(train_arrays), len(val_arrays), result)
     if result.status != "done":
@@ -671,6 +670,12 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
     if not quiet:
         print(format_table(out))
     return out
+
+
+def _score(values: dict, metric: str) -> float:
+    """Higher is better: the task's first metric (NaN counts as the worst), else -val_loss."""
+    score = values.get(f"val_{metric}", -values["val_loss"])
+    return -math.inf if score is None or math.isnan(score) else float(score)
 
 
 def _chance(spec: TaskSpec, examples) -> float | None:
