@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import Params, forward_cached, init_cache, logits
+from gptjax.model import Params, block, embed, init_cache, layer_norm, logits
 
 # Prompt lengths are rounded up to a multiple of this (when n_ctx allows) to share compiles.
 PROMPT_BUCKET = 16
@@ -88,7 +88,7 @@ def sample_logits(
     by the temperature, filtered by `filter_logits`, and sampled. The settings are checked
     like `generate`'s.
     """
-    _check_sampling(temperature, top_k, top_p, z.shape[-1])
+    _check_sampling(temperature, top_k, top_p)
     greedy, use_top_p = temperature == 0, top_p is not None and top_p < 1.0
     return _sample(jnp.asarray(z, jnp.float32), key, jnp.float32(temperature or 1.0),
                    jnp.float32(top_p or 1.0), top_k=_clip_top_k(top_k, z.shape[-1]),
@@ -98,10 +98,52 @@ def sample_logits(
 # ----------------------------------------------------------------------------- the decoder
 
 
-def _prefill(params, tokens, pad_counts, cfg, cache_length):
-    """Run the (left-padded) prompt through the model into a fresh cache.
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _decode_layout(params: Params, cfg: GPTConfig) -> dict:
+    """The parameters rearranged for decoding: one dict per layer, matrices in the compute dtype.
 
-    Returns (float32 logits of the last prompt slot (B, V), cache, key_mask (B, S)). The
+    model.forward_cached reads the layers from stacked (L, ...) arrays; inside a compiled
+    decoding step XLA then copies each layer's weights out of the stack at every step (on
+    a CPU, gpt2 at batch 1: ~360 ms per token instead of ~30 ms). Slicing the layers once
+    per call, before the loop, removes that copy. The weight matrices (and the output
+    embedding) are cast to the compute dtype here once instead of at every use, which
+    `model.dense` and `model.logits` would do with the same result; LayerNorm parameters,
+    biases and the input embeddings are left as they are, so the numbers are those of
+    `model.forward`. Holds one copy of the weights while a decode runs.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+
+    def cast(path, a):
+        return a.astype(dtype) if path[-1].key == "w" else a
+
+    stacked = jax.tree_util.tree_map_with_path(cast, params["h"])
+    return {
+        "embed": {"wte": params["wte"], "wpe": params["wpe"]},
+        "layers": [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+                   for i in range(cfg.n_layer)],
+        "ln_f": params.get("ln_f"),
+        "unembed": {"wte": params["wte"].astype(dtype)},
+    }
+
+
+def _forward_cached(layout, tokens, cfg, caches, cache_index, positions, key_mask):
+    """model.forward_cached over the decode layout, with one (k, v) cache per layer; returns
+    the float32 logits (B, V) of the last position and the updated caches."""
+    x = embed(layout["embed"], tokens, cfg, positions)
+    new_caches = []
+    for i, (p, cache) in enumerate(zip(layout["layers"], caches, strict=True)):
+        x, cache = block(p, x, cfg, banded=cfg.layer_is_banded(i), key_mask=key_mask,
+                         cache=cache, cache_index=cache_index)
+        new_caches.append(cache)
+    if cfg.norm == "pre":
+        x = layer_norm(layout["ln_f"], x, cfg.layer_norm_epsilon)
+    return logits(layout["unembed"], x[:, -1:])[:, 0], new_caches
+
+
+def _prefill(layout, tokens, pad_counts, cfg, cache_length):
+    """Run the (left-padded) prompt through the model into fresh caches.
+
+    Returns (float32 logits of the last prompt slot (B, V), caches, key_mask (B, S)). The
     key mask is fixed for the whole decode: every slot from a row's first real token on
     holds a real token once written, and causality hides the slots not yet written.
     """
@@ -109,25 +151,23 @@ def _prefill(params, tokens, pad_counts, cfg, cache_length):
     slots = jnp.arange(cache_length)
     key_mask = slots[None, :] >= pad_counts[:, None]
     positions = jnp.maximum(slots[None, :T0] - pad_counts[:, None], 0)
-    cache = init_cache(cfg, B, cache_length)
-    h, cache = forward_cached(params, tokens, cfg, cache, jnp.int32(0), positions=positions,
-                              key_mask=key_mask)
-    return logits(params, h[:, -1:])[:, 0], cache, key_mask
+    k, v = init_cache(cfg.replace(n_layer=1), B, cache_length)
+    caches = [(k[0], v[0])] * cfg.n_layer
+    z, caches = _forward_cached(layout, tokens, cfg, caches, jnp.int32(0), positions, key_mask)
+    return z, caches, key_mask
 
 
-def _step(params, cache, token, slot, pad_counts, key_mask, cfg):
-    """Feed token (B,) at cache slot `slot`; returns (float32 logits (B, V) of the next, cache)."""
+def _step(layout, caches, token, slot, pad_counts, key_mask, cfg):
+    """Feed token (B,) at cache slot `slot`; returns (float32 logits (B, V) of the next, caches)."""
     positions = (slot - pad_counts)[:, None]
-    h, cache = forward_cached(params, token[:, None], cfg, cache, slot, positions=positions,
-                              key_mask=key_mask)
-    return logits(params, h)[:, 0], cache
+    return _forward_cached(layout, token[:, None], cfg, caches, slot, positions, key_mask)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p", "return_logits"),
 )
-def _generate_jit(params, tokens, pad_counts, rng, temperature, top_p, stop_tokens, *, cfg,
+def _generate_jit(layout, tokens, pad_counts, rng, temperature, top_p, stop_tokens, *, cfg,
                   max_new_tokens, top_k, greedy, use_top_p, return_logits):
     B, T0 = tokens.shape
     N = max_new_tokens
@@ -149,7 +189,7 @@ def _generate_jit(params, tokens, pad_counts, rng, temperature, top_p, stop_toke
             done = done | stopped
         return (out, zs, done, fill), token
 
-    z, cache, key_mask = _prefill(params, tokens, pad_counts, cfg, T0 + N)
+    z, cache, key_mask = _prefill(layout, tokens, pad_counts, cfg, T0 + N)
     zs = jnp.zeros((B, N, cfg.vocab_size) if return_logits else (0,), jnp.float32)
     state = (jnp.zeros((B, N), jnp.int32), zs, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
     state, token = emit(state, 0, z)
@@ -160,7 +200,7 @@ def _generate_jit(params, tokens, pad_counts, rng, temperature, top_p, stop_toke
 
     def body(carry):
         i, cache, token, state = carry
-        z, cache = _step(params, cache, token, T0 + i - 1, pad_counts, key_mask, cfg)
+        z, cache = _step(layout, cache, token, T0 + i - 1, pad_counts, key_mask, cfg)
         state, token = emit(state, i, z)
         return i + 1, cache, token, state
 
@@ -210,24 +250,16 @@ def generate(
     Example: prompt [[5, 6, 7], [8]] and max_new_tokens 4 decode both rows together; row 1
     sees only [8] (its three padding slots are masked), at positions 0, 1, ...
     """
-    tokens, lengths = _prompt_array(prompt, prompt_lengths)
-    _check_sampling(temperature, top_k, top_p, cfg.vocab_size)
-    stops = _stop_array(stop_tokens, cfg)
-    if rng is None and temperature != 0:
-        raise ValueError("generate() needs an rng key unless temperature=0 (greedy)")
-    tokens, pad_counts = _left_pad(tokens, lengths, cfg, max_new_tokens)
+    tokens, pad_counts, stops, traced, static = _prepare(
+        "generate", cfg, prompt, prompt_lengths, max_new_tokens, rng, temperature, top_k, top_p,
+        stop_tokens)
     B = tokens.shape[0]
     if max_new_tokens == 0:
         empty = jnp.zeros((B, 0), jnp.int32)
         return (empty, jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)) if return_logits else empty
-    out, zs = _generate_jit(
-        params, jnp.asarray(tokens), jnp.asarray(pad_counts),
-        rng if rng is not None else jax.random.PRNGKey(0),
-        jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0), jnp.asarray(stops),
-        cfg=cfg, max_new_tokens=max_new_tokens, top_k=_clip_top_k(top_k, cfg.vocab_size),
-        greedy=temperature == 0, use_top_p=top_p is not None and top_p < 1.0,
-        return_logits=return_logits,
-    )
+    out, zs = _generate_jit(_decode_layout(params, cfg), tokens, pad_counts, *traced, stops,
+                            cfg=cfg, max_new_tokens=max_new_tokens, return_logits=return_logits,
+                            **static)
     return (out, zs) if return_logits else out
 
 
@@ -249,9 +281,9 @@ def generated_lengths(tokens: Any, stop_tokens: Sequence[int] | None) -> np.ndar
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "top_k", "greedy",
                                               "use_top_p"))
-def _stream_prefill(params, tokens, pad_counts, rng, temperature, top_p, *, cfg, cache_length,
+def _stream_prefill(layout, tokens, pad_counts, rng, temperature, top_p, *, cfg, cache_length,
                     top_k, greedy, use_top_p):
-    z, cache, key_mask = _prefill(params, tokens, pad_counts, cfg, cache_length)
+    z, cache, key_mask = _prefill(layout, tokens, pad_counts, cfg, cache_length)
     token = _sample(z, jax.random.fold_in(rng, 0), temperature, top_p, top_k=top_k,
                     greedy=greedy, use_top_p=use_top_p)
     return token, cache, key_mask
@@ -259,9 +291,9 @@ def _stream_prefill(params, tokens, pad_counts, rng, temperature, top_p, *, cfg,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "greedy", "use_top_p"),
                    donate_argnames=("cache",))
-def _stream_step(params, cache, token, slot, step, pad_counts, key_mask, rng, temperature,
+def _stream_step(layout, cache, token, slot, step, pad_counts, key_mask, rng, temperature,
                  top_p, *, cfg, top_k, greedy, use_top_p):
-    z, cache = _step(params, cache, token, slot, pad_counts, key_mask, cfg)
+    z, cache = _step(layout, cache, token, slot, pad_counts, key_mask, cfg)
     token = _sample(z, jax.random.fold_in(rng, step), temperature, top_p, top_k=top_k,
                     greedy=greedy, use_top_p=use_top_p)
     return token, cache
@@ -287,36 +319,26 @@ def stream(
     array (B,) per step. Stops after max_new_tokens steps, or once every row has emitted a
     stop token (that step is yielded; rows that stopped earlier repeat their stop token).
     """
-    single = _is_token_list(prompt)
-    tokens, lengths = _prompt_array(prompt, prompt_lengths)
-    _check_sampling(temperature, top_k, top_p, cfg.vocab_size)
-    stops = _stop_array(stop_tokens, cfg)
-    if rng is None and temperature != 0:
-        raise ValueError("stream() needs an rng key unless temperature=0 (greedy)")
-    tokens, pad_counts = _left_pad(tokens, lengths, cfg, max_new_tokens)
-    return _stream(params, cfg, tokens, pad_counts, max_new_tokens, single, stops,
-                   rng if rng is not None else jax.random.PRNGKey(0),
-                   dict(top_k=_clip_top_k(top_k, cfg.vocab_size), greedy=temperature == 0,
-                        use_top_p=top_p is not None and top_p < 1.0),
-                   jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0))
+    prepared = _prepare("stream", cfg, prompt, prompt_lengths, max_new_tokens, rng,
+                        temperature, top_k, top_p, stop_tokens)
+    return _stream(params, cfg, max_new_tokens, _is_token_list(prompt), *prepared)
 
 
-def _stream(params, cfg, tokens, pad_counts, max_new_tokens, single, stops, rng, static,
-            temperature, top_p):
+def _stream(params, cfg, max_new_tokens, single, tokens, pad_counts, stops, traced, static):
     if max_new_tokens == 0:
         return
+    layout = _decode_layout(params, cfg)
     B, T0 = tokens.shape
-    pad_counts = jnp.asarray(pad_counts)
-    token, cache, key_mask = _stream_prefill(params, jnp.asarray(tokens), pad_counts, rng,
-                                             temperature, top_p, cfg=cfg,
+    token, cache, key_mask = _stream_prefill(layout, tokens, pad_counts, *traced, cfg=cfg,
                                              cache_length=T0 + max_new_tokens, **static)
+    stops = np.asarray(stops)
     done = np.zeros(B, bool)
     fill = np.zeros(B, np.int32)
     for i in range(max_new_tokens):
         if i > 0:  # feed the previous step's token (a stopped row's repeated stop token)
-            token, cache = _stream_step(params, cache, jnp.asarray(token), jnp.int32(T0 + i - 1),
-                                        jnp.int32(i), pad_counts, key_mask, rng, temperature,
-                                        top_p, cfg=cfg, **static)
+            token, cache = _stream_step(layout, cache, jnp.asarray(token), jnp.int32(T0 + i - 1),
+                                        jnp.int32(i), pad_counts, key_mask, *traced, cfg=cfg,
+                                        **static)
         token = np.where(done, fill, np.asarray(token)).astype(np.int32)
         yield int(token[0]) if single else token
         stopped = np.isin(token, stops)
@@ -327,6 +349,23 @@ def _stream(params, cfg, tokens, pad_counts, max_new_tokens, single, stops, rng,
 
 
 # ----------------------------------------------------------------------------- input checks
+
+
+def _prepare(who, cfg, prompt, prompt_lengths, max_new_tokens, rng, temperature, top_k, top_p,
+             stop_tokens):
+    """Check everything and lay the prompt out: (left-padded tokens (B, T0), pad counts (B,),
+    stop ids, the traced settings (rng, temperature, top_p), the static ones)."""
+    tokens, lengths = _prompt_array(prompt, prompt_lengths)
+    _check_sampling(temperature, top_k, top_p)
+    stops = _stop_array(stop_tokens, cfg)
+    if rng is None and temperature != 0:
+        raise ValueError(f"{who}() needs an rng key unless temperature=0 (greedy)")
+    tokens, pad_counts = _left_pad(tokens, lengths, cfg, max_new_tokens)
+    traced = (rng if rng is not None else jax.random.PRNGKey(0),
+              jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0))
+    static = dict(top_k=_clip_top_k(top_k, cfg.vocab_size), greedy=temperature == 0,
+                  use_top_p=top_p is not None and top_p < 1.0)
+    return jnp.asarray(tokens), jnp.asarray(pad_counts), jnp.asarray(stops), traced, static
 
 
 def _is_token_list(prompt) -> bool:
@@ -410,7 +449,7 @@ def _check_ids(tokens, lengths, cfg: GPTConfig) -> None:
                          f"[0, {cfg.vocab_size}) (vocab_size={cfg.vocab_size})")
 
 
-def _check_sampling(temperature, top_k, top_p, vocab_size) -> None:
+def _check_sampling(temperature, top_k, top_p) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not np.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a train.py run folder, or a Hugging Face gpt2/openai-gpt folder")
     p.add_argument("--prompt", default="", help="text to continue (default: from <eos>)")
     p.add_argument("--prompt-file", help="read the prompt from this file instead")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate (default: 200, or what the context has room for)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample from the nucleus of this mass")
@@ -143,9 +144,12 @@ def _main(argv) -> int:
     prompt = args.prompt
     if args.prompt_file:
         prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     cfg, params, tokenizer = load_model(args.run)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(200, cfg.n_ctx - max(1, len(tokenizer.encode(prompt)))))
     out = sys.stdout
     for i in range(args.num_samples):
         if args.num_samples > 1:
@@ -153,7 +157,7 @@ def _main(argv) -> int:
         out.write(prompt)
         out.flush()
         for piece in stream_text(cfg, params, tokenizer, prompt,
-                                 max_new_tokens=args.max_new_tokens,
+                                 max_new_tokens=max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed + i,
                                  stop_at_eos=not args.no_stop):

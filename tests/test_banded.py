@@ -143,17 +143,12 @@ def test_banded_attention_does_not_materialise_t_by_t():
 
 
 def test_banded_model_trains():
-    """Banded layers in the training path: finite gradients that differ from dense ones
-    once the sequence is longer than the band (dropout with the band: see above)."""
+    """Banded layers in the training path (lm_loss, sequence longer than the band): every
+    parameter gets a finite, non-zero gradient (dropout with the band: see above)."""
     cfg = CFG.replace(n_ctx=32, attention_band=4)
     params = M.init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, cfg.vocab_size)
-    loss_grad = jax.jit(jax.grad(M.lm_loss), static_argnames=("cfg",))
-
-    def flat(cfg):
-        grads = loss_grad(params, tokens, cfg=cfg)
-        return np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(grads)])
-
-    banded, dense = flat(cfg), flat(cfg.replace(attention_band=None))
-    assert np.isfinite(banded).all()
-    assert not np.allclose(banded, dense)
+    grads = jax.jit(jax.grad(M.lm_loss), static_argnames=("cfg",))(params, tokens, cfg=cfg)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        g = np.asarray(g)
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)

@@ -7,7 +7,6 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,7 +84,7 @@ def test_perplexity_windows(params):
     n_ctx - 1 tokens before it (checked against a direct forward pass per window)."""
     tokens = np.random.default_rng(1).integers(0, 261, 70)
     short = E.perplexity(params, CFG, tokens[:CFG.n_ctx])
-    loss = float(lm_loss(params, jnp.asarray(tokens[None, :CFG.n_ctx]), CFG))
+    loss = float(jax.jit(lm_loss, static_argnames="cfg")(params, tokens[None, :CFG.n_ctx], cfg=CFG))
     assert short["tokens"] == CFG.n_ctx - 1
     assert short["nll_per_token"] == pytest.approx(loss, rel=1e-5)
     assert short["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
