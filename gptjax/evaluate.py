@@ -96,20 +96,21 @@ def score_requests(
     """log P(continuation | context) for each (context ids, continuation ids) request.
 
     The context needs at least one token (prepend a start-of-text id such as <eos> to
-    score a text from its first token). A request longer than n_ctx keeps its last n_ctx
-    tokens (the context is cut on the left); a continuation of n_ctx tokens or more is a
-    ValueError. Batches hold about `max_tokens` tokens (rows x padded length), which
-    bounds the (rows, length, vocab) logits held at once.
+    score a text from its first token). The model reads all but the last token, so a
+    request may be n_ctx + 1 tokens long; a longer one keeps its last n_ctx + 1 (the
+    context is cut on the left), and a continuation longer than n_ctx is a ValueError.
+    Batches hold about `max_tokens` tokens (rows x padded length), which bounds the
+    (rows, length, vocab) logits held at once.
     """
     rows, weights_from = [], []
     for i, (context, continuation) in enumerate(requests):
         context, continuation = list(context), list(continuation)
         if not context:
             raise ValueError(f"request {i}: empty context; prepend a start token such as <eos>")
-        if len(continuation) >= cfg.n_ctx:
+        if len(continuation) > cfg.n_ctx:
             raise ValueError(f"request {i}: a continuation of {len(continuation)} tokens does "
-                             f"not fit the context n_ctx={cfg.n_ctx} with one context token")
-        row = (context + continuation)[-cfg.n_ctx:]
+                             f"not fit the context n_ctx={cfg.n_ctx} after one context token")
+        row = (context + continuation)[-(cfg.n_ctx + 1):]
         rows.append(row)
         weights_from.append(len(row) - len(continuation))
     if rows:
@@ -124,9 +125,8 @@ def score_requests(
     order = sorted(range(n), key=lambda i: len(rows[i]))
     start = 0
     while start < n:
-        length = _bucket(len(rows[order[start]]), cfg.n_ctx)
-        # Rows per batch: a power of two, so few shapes are compiled.
-        batch = min(max(1, max_tokens // length), 1 << (n - start - 1).bit_length())
+        length = _bucket(len(rows[order[start]]), cfg.n_ctx + 1)
+        batch = max(1, max_tokens // length)  # one shape per length bucket: few compiles
         chosen = [i for i in order[start:start + batch] if len(rows[i]) <= length]
         tokens = np.zeros((batch, length), np.int32)
         weights = np.zeros((batch, length), np.float32)
@@ -141,9 +141,9 @@ def score_requests(
     return Scores(logprob=logprob, n_tokens=n_tokens, greedy=greedy)
 
 
-def _bucket(length: int, n_ctx: int) -> int:
-    """Padded row length: the next power of two >= length (at least 16), at most n_ctx."""
-    return min(n_ctx, max(16, 1 << (length - 1).bit_length()))
+def _bucket(length: int, longest: int) -> int:
+    """Padded row length: the next power of two >= length (at least 16), at most `longest`."""
+    return min(longest, max(16, 1 << (length - 1).bit_length()))
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -159,22 +159,24 @@ def perplexity(
 ) -> dict[str, float]:
     """Total and mean negative log-likelihood of tokens[1:] given what precedes each.
 
-    Tokens are scored in windows of at most n_ctx: each window scores the next `stride`
-    tokens (default n_ctx - 1, i.e. windows overlap by one token) and conditions them on
-    the up to n_ctx - stride tokens before. A smaller stride gives every token more context
-    at more cost. tokens[0] is never scored (prepend a start token to score it).
+    The model reads windows of at most n_ctx tokens: each window scores the next `stride`
+    tokens and conditions them on the up to n_ctx - stride tokens before. The default,
+    stride = n_ctx, cuts the text into consecutive training-like windows (the first token
+    of a window sees only itself); a smaller stride gives every token at least
+    n_ctx - stride tokens of context, at n_ctx / stride times the cost. tokens[0] is never
+    scored (prepend a start token to score it).
     Returns {"tokens": scored count, "nll": total nats, "nll_per_token", "perplexity"}.
     """
     tokens = np.asarray(tokens, np.int64).reshape(-1)
-    stride = cfg.n_ctx - 1 if stride is None else stride
-    if not 1 <= stride <= cfg.n_ctx - 1:
-        raise ValueError(f"stride={stride} must lie in [1, n_ctx - 1 = {cfg.n_ctx - 1}]")
+    stride = cfg.n_ctx if stride is None else stride
+    if not 1 <= stride <= cfg.n_ctx:
+        raise ValueError(f"stride={stride} must lie in [1, n_ctx={cfg.n_ctx}]")
     if tokens.size < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {tokens.size}")
     requests, scored = [], 0  # tokens[1 .. scored] are scored so far
     while scored < tokens.size - 1:
         end = min(scored + stride, tokens.size - 1)  # last token scored by this window
-        begin = max(0, end + 1 - cfg.n_ctx)
+        begin = max(0, end - cfg.n_ctx)  # the model reads tokens[begin:end]
         requests.append((tokens[begin: scored + 1].tolist(), tokens[scored + 1: end + 1].tolist()))
         scored = end
     scores = score_requests(params, cfg, requests, max_tokens=max_tokens)
@@ -544,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="", help="task description put first")
     p.add_argument("--seed", type=int, default=1234, help="seed of the example draws")
     p.add_argument("--limit", type=int, help="evaluate the first N items (or characters)")
-    p.add_argument("--stride", type=int, help="perplexity window stride (default n_ctx - 1)")
+    p.add_argument("--stride", type=int, help="perplexity window stride (default n_ctx)")
     p.add_argument("--threshold", type=float, help="CoLA threshold (default: fitted)")
     p.add_argument("--split", default="val", help="split of a token folder")
     p.add_argument("--token-dtype", default="uint16", help="dtype of a raw .bin token file")

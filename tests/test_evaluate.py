@@ -67,12 +67,12 @@ def test_scores_equal_lm_loss_and_argmax(params):
 
 def test_long_requests_keep_their_last_n_ctx_tokens(params):
     context, continuation = list(range(40)), [5, 6, 7]
-    cut = CFG.n_ctx - len(continuation)
+    cut = CFG.n_ctx + 1 - len(continuation)  # the model reads n_ctx, predicts the last
     a, b = E.score_requests(params, CFG, [(context, continuation),
                                           (context[-cut:], continuation)]).logprob
     assert a == pytest.approx(b, abs=1e-5)
     with pytest.raises(ValueError, match="continuation"):
-        E.score_requests(params, CFG, [([1], [2] * CFG.n_ctx)])
+        E.score_requests(params, CFG, [([1], [2] * (CFG.n_ctx + 1))])
     with pytest.raises(ValueError, match="empty context"):
         E.score_requests(params, CFG, [([], [2])])
     with pytest.raises(ValueError, match="outside"):
@@ -81,21 +81,23 @@ def test_long_requests_keep_their_last_n_ctx_tokens(params):
 
 def test_perplexity_windows(params):
     """Within one window it is lm_loss; with stride 1 every token t is conditioned on the
-    n_ctx - 1 tokens before it (checked against a direct forward pass per window)."""
+    n_ctx tokens before it (checked against a direct forward pass per window)."""
     tokens = np.random.default_rng(1).integers(0, 261, 70)
-    short = E.perplexity(params, CFG, tokens[:CFG.n_ctx])
-    loss = float(jax.jit(lm_loss, static_argnames="cfg")(params, tokens[None, :CFG.n_ctx], cfg=CFG))
-    assert short["tokens"] == CFG.n_ctx - 1
+    window = tokens[None, : CFG.n_ctx + 1]
+    short = E.perplexity(params, CFG, window[0])
+    loss = float(jax.jit(lm_loss, static_argnames="cfg")(params, window, cfg=CFG))
+    assert short["tokens"] == CFG.n_ctx
     assert short["nll_per_token"] == pytest.approx(loss, rel=1e-5)
     assert short["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
 
-    windows = np.zeros((len(tokens) - 1, CFG.n_ctx), np.int32)
+    windows = np.zeros((len(tokens) - 1, CFG.n_ctx + 1), np.int32)
     last = np.zeros(len(tokens) - 1, int)  # index of the target within its window
     for t in range(1, len(tokens)):
-        w = tokens[max(0, t + 1 - CFG.n_ctx): t + 1]
+        w = tokens[max(0, t - CFG.n_ctx): t + 1]
         windows[t - 1, : len(w)] = w
         last[t - 1] = len(w) - 1
-    z = jax.jit(lambda p, t: jax.nn.log_softmax(logits(p, forward(p, t, CFG))))(params, windows)
+    z = jax.jit(lambda p, t: jax.nn.log_softmax(logits(p, forward(p, t, CFG))))(
+        params, windows[:, :-1])
     z = np.asarray(z)
     direct = -sum(z[i, last[i] - 1, windows[i, last[i]]] for i in range(len(last)))
     stride1 = E.perplexity(params, CFG, tokens, stride=1)
@@ -103,7 +105,7 @@ def test_perplexity_windows(params):
     assert stride1["nll"] == pytest.approx(direct, rel=1e-5)
     default = E.perplexity(params, CFG, tokens)
     assert default["tokens"] == len(tokens) - 1
-    for stride in (0, CFG.n_ctx):
+    for stride in (0, CFG.n_ctx + 1):
         with pytest.raises(ValueError, match="stride"):
             E.perplexity(params, CFG, tokens, stride=stride)
 
