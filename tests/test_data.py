@@ -5,6 +5,7 @@ import importlib.util
 import inspect
 import json
 import math
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -153,8 +154,8 @@ def test_load_texts_hf_local_file(tmp_path):
         load_texts(f"hf:{path}", text_field="body")
 
 
-@pytest.mark.skipif(HAS_DATASETS, reason="datasets is installed")
-def test_load_texts_hf_without_datasets():
+def test_load_texts_hf_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match=r"pip install gptjax\[hf\]"):
         load_texts("hf:wikitext/wikitext-2-raw-v1")
 
