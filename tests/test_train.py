@@ -282,3 +282,21 @@ def test_batch_must_divide_by_devices(tmp_path):
     with pytest.raises(ValueError, match="devices=64 but only"):
         run(tmp_path / "run", 2, devices=64)
     assert not (tmp_path / "run").exists()
+
+
+def test_keeps_the_last_k_and_the_best(tmp_path):
+    from gptjax.checkpoint import best_step
+
+    val_losses = iter([3.0, 1.0, 2.0, 2.5, 2.7])  # best at step 4 of 2, 4, 6, 8, 10
+
+    def eval_fn(params):
+        return {"val_loss": next(val_losses)}
+
+    loop = LoopConfig(steps=10, batch_size=8, eval_every=2, keep=2, log_every=1)
+    train(run_dir=tmp_path, loop=loop, optim=OptimConfig(lr=3e-3, warmup_steps=1),
+          params=M.init_params(CFG, jax.random.PRNGKey(0)), loss_fn=loss_fn,
+          batch_fn=batch_fn, eval_fn=eval_fn, show_progress=False)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.steps() == [4, 8, 10]
+    assert best_step(ckpt) == 4
+    ckpt.close()
