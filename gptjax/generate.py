@@ -2,11 +2,14 @@
 
     tokens = generate(params, cfg, prompt, max_new_tokens, rng=key, temperature=0.8, top_p=0.9)
 
-One call is a prefill of the whole prompt (`model.forward_cached` over T0 tokens) and then
-one token at a time from a fixed-size cache of T0 + max_new_tokens slots, the loop compiled
-as a single `jax.lax.while_loop`. The jitted program depends only on the shapes and on the
-static settings (cfg, max_new_tokens, top_k, greedy or not, top-p on or off); temperature,
-top_p, the seed and the stop tokens are traced values, so changing them does not recompile.
+One call is a prefill of the whole prompt (T0 tokens at once) and then one token at a time
+from a fixed-size cache of T0 + max_new_tokens slots, the loop compiled as a single
+`jax.lax.while_loop`. Both run `model.block` layer by layer over weights sliced out of the
+stacked parameters once per call (see `_decode_layout`: a step that slices them itself is
+an order of magnitude slower on a CPU), with `model.block`'s cached attention. The jitted
+program depends only on the shapes and on the static settings (cfg, max_new_tokens, top_k,
+greedy or not, top-p on or off); temperature, top_p, the seed and the stop tokens are
+traced values, so changing them does not recompile.
 
 Prompts of different lengths are LEFT-padded inside, so that every row's last prompt token
 sits at the same cache slot and all rows decode in lock step: row b with p_b padding slots
