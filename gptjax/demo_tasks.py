@@ -10,16 +10,19 @@ never from a judgement, so each task is honest about what it measures:
                           `ast` node that holds it: "module", "class" or "function"
                           (methods count as functions). Up to a third of the
                           examples per class; the held-out text has only 30 module
-                          docstrings, so validation is 30 / 100 / 100 and the
-                          majority-class rate, 0.43, is the bar to beat.
-    demo-entailment       continuation. premise = a sentence of a docstring;
-                          hypothesis = the sentence right after it in the same
-                          docstring ("follows") or a sentence of another document
-                          ("unrelated"), half each. Not logical entailment: a
-                          premise/hypothesis pair task of the same shape. Chance: 1/2.
-    demo-similarity       same document. A and B are two different sentences of one
-                          document ("same") or of two documents ("different"), half
-                          each; symmetric, as similarity is. Chance: 1/2.
+                          docstrings, so the default validation split is 30 / 100 /
+                          100 and the majority-class rate, 0.43, is the bar to beat.
+    demo-entailment       order. premise A, hypothesis B, from a pair of neighbouring
+                          sentences of one document: B is the sentence right after A
+                          ("follows"), right before A ("precedes": the pair swapped),
+                          or a sentence of another document ("unrelated"), a third
+                          each. Directional, as entailment is; not logical
+                          entailment, a premise/hypothesis task of the same shape.
+                          Chance: 1/3.
+    demo-similarity       neighbours. A and B are two neighbouring sentences of one
+                          document ("same") or a sentence and one of another document
+                          ("different"), half each, in a random order: the relation
+                          is symmetric, as similarity is. Chance: 1/2.
     demo-multiple-choice  next sentence, as Story Cloze. context = one sentence of a
                           document and the one before it (if any); choices = the
                           sentence that follows and three sentences of other
@@ -62,11 +65,12 @@ DEMO_SPECS: dict[str, TaskSpec] = {
         "demo-classification", "classification", ("module", "class", "function"),
         ("accuracy",), description="what kind of definition a docstring documents"),
     "demo-entailment": TaskSpec(
-        "demo-entailment", "entailment", ("follows", "unrelated"), ("accuracy",),
-        description="is the hypothesis the sentence after the premise"),
+        "demo-entailment", "entailment", ("follows", "precedes", "unrelated"), ("accuracy",),
+        description="is the hypothesis the sentence after the premise, the one before it, "
+        "or from another document"),
     "demo-similarity": TaskSpec(
         "demo-similarity", "similarity", ("different", "same"), ("accuracy", "f1"),
-        description="are the two sentences from the same document"),
+        description="are the two sentences neighbours in one document"),
     "demo-multiple-choice": TaskSpec(
         "demo-multiple-choice", "multiple_choice", ("1", "2", "3", "4"), ("accuracy",),
         n_choices=4, description="the true next sentence among four"),
@@ -217,28 +221,30 @@ def _entailment(held_out, n, rng) -> list[Example]:
     examples = []
     for k, idx in enumerate(rng.permutation(len(pairs))[:n]):
         d, i = pairs[idx]
-        premise = table[d][i]
-        if k % 2 == 0:
-            examples.append(Example(premise, table[d][i + 1], label=0, uid=f"{d}-{i}-next"))
+        first, second = table[d][i], table[d][i + 1]
+        if k % 3 == 0:
+            examples.append(Example(first, second, label=0, uid=f"{d}-{i}-follows"))
+        elif k % 3 == 1:
+            examples.append(Example(second, first, label=1, uid=f"{d}-{i}-precedes"))
         else:
-            examples.append(Example(premise, _other_sentence(table, d, rng), label=1,
-                                    uid=f"{d}-{i}-other"))
+            examples.append(Example(first, _other_sentence(table, d, rng), label=2,
+                                    uid=f"{d}-{i}-unrelated"))
     return examples
 
 
 def _similarity(held_out, n, rng) -> list[Example]:
     table = _sentence_table(held_out)
-    kept = [[x for x in sents if x is not None] for sents in table]
-    multi = [d for d, sents in enumerate(kept) if len(sents) >= 2]
+    pairs = _adjacent_pairs(table)
     examples = []
-    for k in range(n):
-        d = multi[int(rng.integers(len(multi)))]
-        i, j = rng.choice(len(kept[d]), 2, replace=False)
+    for k, idx in enumerate(rng.permutation(len(pairs))[:n]):
+        d, i = pairs[idx]
         if k % 2 == 0:
-            examples.append(Example(kept[d][i], kept[d][j], label=1, uid=f"{d}-{i}-{j}"))
+            a, b, label, uid = table[d][i], table[d][i + 1], 1, f"{d}-{i}-same"
         else:
-            examples.append(Example(kept[d][i], _other_sentence(table, d, rng), label=0,
-                                    uid=f"{d}-{i}-other"))
+            a, b, label, uid = table[d][i], _other_sentence(table, d, rng), 0, f"{d}-{i}-other"
+        if rng.integers(2):
+            a, b = b, a
+        examples.append(Example(a, b, label=label, uid=uid))
     return examples
 
 

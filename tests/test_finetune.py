@@ -264,7 +264,12 @@ def test_demo_labels_are_what_the_docstring_says(demo):
     flat = " ".join(corpus.split())
     for ex in mc["train"][:10]:
         assert f"{ex.text_a} {ex.choices[ex.label]}" in flat  # the answer follows the context
-    ent = demo.demo_task("entailment", 20, 10)
+    ent = demo.demo_task("entailment", 30, 10)
+    assert ent.spec.labels == ("follows", "precedes", "unrelated")
     for ex in ent["train"]:
-        joined = f"{ex.text_a} {ex.text_b}" in flat
-        assert joined == (ex.label == 0)
+        forward, backward = f"{ex.text_a} {ex.text_b}" in flat, f"{ex.text_b} {ex.text_a}" in flat
+        assert (forward, backward) == (ex.label == 0, ex.label == 1)
+    sim = demo.demo_task("similarity", 30, 10)
+    for ex in sim["train"]:
+        neighbours = f"{ex.text_a} {ex.text_b}" in flat or f"{ex.text_b} {ex.text_a}" in flat
+        assert neighbours == (ex.label == 1)
