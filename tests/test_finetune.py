@@ -268,7 +268,8 @@ def test_demo_labels_are_what_the_docstring_says(demo):
     assert ent.spec.labels == ("follows", "precedes", "unrelated")
     for ex in ent["train"]:
         forward, backward = f"{ex.text_a} {ex.text_b}" in flat, f"{ex.text_b} {ex.text_a}" in flat
-        assert (forward, backward) == (ex.label == 0, ex.label == 1)
+        # (a pair may occur both ways somewhere in the corpus: only the labelled way is checked)
+        assert {0: forward, 1: backward, 2: not (forward or backward)}[ex.label]
     sim = demo.demo_task("similarity", 30, 10)
     for ex in sim["train"]:
         neighbours = f"{ex.text_a} {ex.text_b}" in flat or f"{ex.text_b} {ex.text_a}" in flat
