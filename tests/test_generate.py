@@ -181,3 +181,17 @@ def test_prompt_exactly_filling_the_context(small_params):
     out = generate(small_params, SMALL, [[1] * (SMALL.n_ctx - N)], N, rng=None, temperature=0)
     assert out.shape == (1, N)
     assert generate(small_params, SMALL, [[1, 2]], 0, rng=None, temperature=0).shape == (1, 0)
+
+
+def test_stream_text_holds_back_split_characters(monkeypatch):
+    """Byte-level tokens can split a character: no piece ends in half of one, the pieces
+    join to the decoded text, and decoding stops at <eos>."""
+    from gptjax import sample
+    from gptjax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    new = list("añ€!".encode()) + [tok.token_id("<eos>"), 65]
+    monkeypatch.setattr(sample, "stream", lambda *args, **kwargs: iter(new))
+    cfg = SMALL.replace(vocab_size=tok.vocab_size)
+    pieces = list(sample.stream_text(cfg, None, tok, "x", max_new_tokens=8))
+    assert pieces == ["a", "ñ", "€", "!"]
