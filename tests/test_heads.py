@@ -76,7 +76,7 @@ def test_similarity_model_output_unchanged_when_a_and_b_swap():
     head = make_head("similarity", None)
     params = {"gpt": init_params(cfg, jax.random.key(0)),
               "head": init_head(head, "similarity", 16, jax.random.key(1))}
-    predict = make_predict_fn(cfg, head, "similarity")
+    predict = jax.jit(make_predict_fn(cfg, head, "similarity"))
     np.testing.assert_allclose(predict(params, ab.batch([0])), predict(params, ba.batch([0])),
                                atol=1e-5)
 

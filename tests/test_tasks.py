@@ -254,8 +254,8 @@ def test_task_loss_values_and_grad_reaches_both_parts():
                         enc, SP, 16)
     batch = a.batch([0, 1])
     loss_fn = make_loss_fn(CFG, head, "classification", lm_coef=0.5)
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
-                                                                 jax.random.key(3))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, m), grads = grad_fn(params, batch, jax.random.key(3))
     assert np.isfinite(float(loss)) and 0.0 <= float(m["accuracy"]) <= 1.0
     assert float(jnp.abs(grads["head"]["logits"]["kernel"]).sum()) > 0
     assert float(jnp.abs(grads["gpt"]["wte"]).sum()) > 0
