@@ -8,7 +8,8 @@ random ids, with the same random weights (gptjax's `init_params`, copied into th
 model), in the same process, and tokens/s counts new tokens (prefill included in the time).
 The greedy outputs are compared as a check that both decode the same model.
 
-CPU: torch eager with `torch.set_num_threads(os.cpu_count())`, float32 on both sides.
+CPU: torch eager with `torch.set_num_threads(os.cpu_count())` (`--torch-threads`), float32 on
+both sides.
 GPU: gptjax in bfloat16; HF in bfloat16 with a static KV cache and `torch.compile`
 (its fastest documented configuration); bandwidth utilisation is estimated as the bytes a
 decode step must read (bf16 weights + the KV cache filled so far) per step time, over the
@@ -89,6 +90,9 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="time gptjax only")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                        help="torch CPU threads (default: the core count; on a machine "
+                             "shared with other jobs, 1 can be much faster)")
     parser.add_argument("--peak-gbs", type=float, default=None,
                         help="peak memory bandwidth in GB/s for the utilisation estimate")
     args = parser.parse_args(argv)
@@ -110,7 +114,7 @@ def main(argv=None):
         if gpu:
             torch.set_float32_matmul_precision("high")
         else:
-            torch.set_num_threads(os.cpu_count())
+            torch.set_num_threads(args.torch_threads)
         hf_cfg = transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
             n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
