@@ -97,8 +97,8 @@ def sample_logits(
     _check_sampling(temperature, top_k, top_p)
     greedy, use_top_p = temperature == 0, top_p is not None and top_p < 1.0
     return _sample_jit(jnp.asarray(z, jnp.float32), key, jnp.float32(temperature or 1.0),
-                   jnp.float32(top_p or 1.0), top_k=_clip_top_k(top_k, z.shape[-1]),
-                   greedy=greedy, use_top_p=use_top_p)
+                       jnp.float32(top_p or 1.0), top_k=_clip_top_k(top_k, z.shape[-1]),
+                       greedy=greedy, use_top_p=use_top_p)
 
 
 # ----------------------------------------------------------------------------- the decoder
