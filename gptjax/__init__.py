@@ -6,9 +6,13 @@
     h = gptjax.forward(params, tokens, cfg)          # (B, T, D)
     z = gptjax.logits(params, h)                     # h @ W_e^T
     loss = gptjax.lm_loss(params, tokens, cfg)
+    out = gptjax.generate(params, cfg, prompt, max_new_tokens, rng=key)
+    cfg, params = gptjax.hf.load_pretrained(path)
 """
 
+from gptjax import hf
 from gptjax.config import PRESETS, GPTConfig, preset
+from gptjax.generate import generate
 from gptjax.model import count_params, forward, init_params, lm_loss, logits
 
 __all__ = [
@@ -20,4 +24,6 @@ __all__ = [
     "logits",
     "lm_loss",
     "count_params",
+    "generate",
+    "hf",
 ]

@@ -241,3 +241,19 @@ def test_inside_jit_no_check_is_possible_and_documented(cfg):
     out = jax.jit(gptjax.forward, static_argnums=2)(params, bad, cfg)
     assert out.shape == (1, 4, cfg.n_embd)
     assert "clamps" in gptjax.model.check_inputs.__doc__
+
+
+def test_public_api_contract():
+    """The names and signatures DESIGN.md promises to users."""
+    import inspect
+
+    assert list(inspect.signature(gptjax.forward).parameters)[:5] == [
+        "params", "tokens", "cfg", "train", "rng"]
+    assert list(inspect.signature(gptjax.logits).parameters) == ["params", "h"]
+    assert list(inspect.signature(gptjax.lm_loss).parameters)[:3] == ["params", "tokens", "cfg"]
+    gen = inspect.signature(gptjax.generate).parameters
+    assert list(gen)[:4] == ["params", "cfg", "prompt", "max_new_tokens"]
+    for name in ("rng", "temperature", "top_k", "top_p"):
+        assert gen[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert callable(gptjax.hf.load_pretrained) and callable(gptjax.hf.save_pretrained)
+    assert gptjax.GPTConfig is GPTConfig and gptjax.preset("gpt2").n_layer == 12
