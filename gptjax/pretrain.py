@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from gptjax import cli
+from gptjax import parallel as par
 from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
 from gptjax.config import PRESETS, GPTConfig
 from gptjax.data import (
@@ -280,6 +281,7 @@ def print_samples(cfg: GPTConfig, params, tokenizer: Tokenizer, data: DataConfig
 def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = False):
     """Prepare everything that can fail on bad input, then the run folder, then train."""
     data = settings.data
+    par.initialize(settings.loop)  # multi-host: before any JAX computation
     texts = load_texts(None if data.data == "builtin" else data.data, text_field=data.text_field,
                        hf_split=data.hf_split)
     source_fp = text_fingerprint(texts)
@@ -290,8 +292,9 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
     settings = fit_vocab(settings, tokenizer)
     cfg = settings.model
     cache = _cache_dir(data) / f"{tokenizer.fingerprint()[:16]}-{source_fp[:16]}"
-    tokens = prepare_tokens(texts, tokenizer, cache, val_fraction=data.val_fraction,
-                            source_fingerprint=source_fp, progress=not quiet)
+    with par.primary_first("token files"):  # several processes: process 0 writes them
+        tokens = prepare_tokens(texts, tokenizer, cache, val_fraction=data.val_fraction,
+                                source_fingerprint=source_fp, progress=not quiet)
     tokens.validate(cfg.vocab_size)
     loop = settings.loop
     train_batch(tokens.train, seed=loop.seed, step=0, batch_size=1, context=cfg.n_ctx)
@@ -300,16 +303,23 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
 
     meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint(),
             "data": tokens.meta.get("source_fingerprint", source_fp)}
-    run_dir = prepare_run_dir(settings.out_dir, resume=resume, overwrite=overwrite)
+    # Several processes: process 0 prepares and writes the folder; all read checkpoints.
+    run_dir = Path(settings.out_dir)
+    if par.is_primary():
+        run_dir = prepare_run_dir(settings.out_dir, resume=resume, overwrite=overwrite)
+    par.barrier("run folder")
     if resume:  # refuse a different model, tokenizer or corpus before writing anything
         verify_resume(run_dir, meta, CHECK_KEYS)
-    (run_dir / RUN_CONFIG).write_text(json.dumps(settings.to_dict(), indent=2))
-    if not resume or not run_tokenizer.exists():
-        tokenizer.save(run_tokenizer)
+    if par.is_primary():
+        (run_dir / RUN_CONFIG).write_text(json.dumps(settings.to_dict(), indent=2))
+        if not resume or not run_tokenizer.exists():
+            tokenizer.save(run_tokenizer)
+    shard = par.process_batch_shard(loop)  # None with one process: the whole batch
 
     def batch_fn(step):
         return {"tokens": train_batch(tokens.train, seed=loop.seed, step=step,
-                                      batch_size=loop.batch_size, context=cfg.n_ctx)}
+                                      batch_size=loop.batch_size, context=cfg.n_ctx,
+                                      shard=shard)}
 
     def loss_fn(params, batch, rng):
         return lm_loss(params, batch["tokens"], cfg, train=True, rng=rng), {}
@@ -325,6 +335,8 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
                    resume=resume, check_keys=CHECK_KEYS, tokens_per_step=tokens_per_step,
                    flops_per_step=flops_per_token(cfg) * tokens_per_step,
                    show_progress=not quiet)
+    if not par.is_primary():
+        return result
     plot_losses(run_dir)
     if result.status == "done":
         if result.evals:

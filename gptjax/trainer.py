@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from gptjax import parallel as par
 from gptjax.checkpoint import CHECKPOINT_DIR, Checkpointer, check_meta
 from gptjax.optim import OptimConfig, make_optimizer, make_schedule
 
@@ -68,10 +70,27 @@ class LoopConfig:
     log_every: int = 10
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite: int = 5
-    # "auto": pmap when more than one device is used, jit otherwise; or force one.
+    # "auto": a sharded jit over --mesh when one is given or several processes run, else
+    # pmap when more than one device is used and jit on one; or force "jit", "pmap", "mesh".
     parallel: str = "auto"
-    # Devices to use (0: all local devices).
+    # Devices to use (0: all local devices; a mesh on several processes uses all of them).
     devices: int = 0
+    # Device mesh of the sharded jit, e.g. "data=2,fsdp=2,tensor=2" or "fsdp=-1" (axes
+    # data, fsdp, tensor; missing ones 1; "" = data over every device when a mesh is used).
+    mesh: str = ""
+    # Multi-host: start jax.distributed with the three settings below, or what JAX detects
+    # (SLURM, Open MPI, TPU pods, JAX_COORDINATOR_ADDRESS) for those left unset.
+    distributed: bool = False
+    # host:port of process 0's coordinator, the same on every process (implies distributed).
+    coordinator_address: str = ""
+    # Number of processes of a multi-host run (0: detected).
+    num_processes: int = 0
+    # This process's index in [0, num_processes) (-1: detected).
+    process_id: int = -1
+    # Seconds without a heartbeat after which a process counts as dead and the job ends.
+    heartbeat_timeout: int = 100
+    # Seconds jax.distributed waits for every process to join.
+    init_timeout: int = 300
     # Batches prepared ahead on a background thread.
     prefetch: int = 2
     # Save checkpoints asynchronously.
@@ -88,8 +107,18 @@ class LoopConfig:
         for name in ("eval_every", "ckpt_every", "devices", "prefetch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.parallel not in ("auto", "pmap", "jit"):
-            raise ValueError(f"parallel={self.parallel!r} must be 'auto', 'pmap' or 'jit'")
+        if self.parallel not in ("auto", "pmap", "jit", "mesh"):
+            raise ValueError(
+                f"parallel={self.parallel!r} must be 'auto', 'pmap', 'jit' or 'mesh'")
+        if self.mesh:
+            par.parse_mesh(self.mesh, None)
+            if self.parallel in ("pmap", "jit"):
+                raise ValueError(f"mesh={self.mesh!r} needs parallel='mesh' or 'auto'")
+        for name in ("heartbeat_timeout", "init_timeout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_processes < 0 or self.process_id < -1:
+            raise ValueError("num_processes must be >= 0 and process_id >= -1")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
@@ -214,57 +243,139 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, *, axis_name: str | No
 
 
 class Parallel:
-    """Runs the step on one device with jit, or on n local devices with pmap."""
+    """Runs the step on one device with jit, on n local devices with pmap, or as one
+    sharded jit over a device mesh (data / FSDP / tensor parallelism, one or many
+    processes; the sharding rules are in gptjax.parallel).
+
+    Under a mesh the state stays sharded: `get_state` returns global arrays (orbax saves
+    them shard by shard, eval functions take them as they are) and `host_state` gathers
+    a NumPy copy on every process.
+    """
 
     def __init__(self, step_fn_factory, loop: LoopConfig):
+        multiprocess = jax.process_count() > 1
+        mode = loop.parallel
+        if par.wants_distributed(loop) and not par.is_distributed():
+            raise RuntimeError(
+                "distributed training is configured but jax.distributed is not running: call "
+                "gptjax.parallel.initialize(loop) first, before any JAX computation"
+            )
+        if mode == "auto" and (loop.mesh or multiprocess):
+            mode = "mesh"
+        if multiprocess and mode != "mesh":
+            raise ValueError(f"parallel={mode!r} runs on one process; with "
+                             f"{jax.process_count()} processes use a mesh")
+        self.accum = loop.grad_accum
+        self.batch_size = loop.batch_size
+        self.step_fn_factory = step_fn_factory
+        self.step = None
+        if mode == "mesh":
+            available = jax.devices()
+            n = loop.devices or len(available)
+            if n > len(available):
+                raise ValueError(f"devices={n} but only {len(available)} devices exist")
+            if multiprocess and n != len(available):
+                raise ValueError("a mesh over several processes uses every device; leave "
+                                 "devices=0")
+            self.mesh = par.make_mesh(loop.mesh, available[:n])
+            self.devices = list(self.mesh.devices.flat)
+            self.n = n
+            self.mode = mode
+            sizes = par.mesh_sizes(self.mesh)
+            rows = sizes["data"] * sizes["fsdp"]
+            self.shard = par.batch_shard(self.mesh)  # the rows this process loads
+            count = self.shard[1]
+            if loop.batch_size % (rows * loop.grad_accum) or \
+                    loop.batch_size % (count * loop.grad_accum):
+                raise ValueError(
+                    f"batch_size={loop.batch_size} must divide by data x fsdp x grad_accum = "
+                    f"{sizes['data']} x {sizes['fsdp']} x {loop.grad_accum}"
+                    + (f" and by processes x grad_accum = {count} x {loop.grad_accum}"
+                       if count > 1 else "")
+                )
+            self.replicated = NamedSharding(self.mesh, PartitionSpec())
+            self.shardings = None
+            return
         available = jax.local_devices()
         n = loop.devices or len(available)
         if n > len(available):
             raise ValueError(f"devices={n} but only {len(available)} local devices exist")
         self.devices = available[:n]
         self.n = n
-        mode = loop.parallel
         if mode == "auto":
             mode = "pmap" if n > 1 else "jit"
         if mode == "jit" and n > 1:
-            raise ValueError("parallel='jit' runs on one device; use devices=1 or 'pmap'")
+            raise ValueError("parallel='jit' runs on one device; use devices=1, 'pmap' or "
+                             "'mesh'")
         self.mode = mode
         if loop.batch_size % (n * loop.grad_accum):
             raise ValueError(
                 f"batch_size={loop.batch_size} must divide by devices x grad_accum = "
                 f"{n} x {loop.grad_accum}"
             )
-        self.accum = loop.grad_accum
         if mode == "pmap":
             self.mesh = jax.sharding.Mesh(np.array(self.devices), (BATCH_AXIS,))
-            self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-                BATCH_AXIS))
+            self.sharded = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
             self.step = jax.pmap(step_fn_factory(BATCH_AXIS), axis_name=BATCH_AXIS,
                                  devices=self.devices, donate_argnums=(0,))
         else:
             self.step = jax.jit(step_fn_factory(None), donate_argnums=(0,))
 
+    def _shard_step(self, state):
+        """Under a mesh: the shardings of this state and the jitted step that keeps them."""
+        if self.shardings is None:
+            self.shardings = par.state_shardings(state, self.mesh)
+            self.step = jax.jit(
+                self.step_fn_factory(None),
+                in_shardings=(self.shardings, par.batch_sharding(self.mesh)),
+                out_shardings=(self.shardings, self.replicated),
+                donate_argnums=(0,),
+            )
+        return self.shardings
+
+    def restore_target(self, state):
+        """What to restore a checkpoint into: under a mesh, shapes with the shardings
+        (each process reads only its shards); otherwise the state itself."""
+        if self.mode != "mesh":
+            return state
+        return par.abstract_tree(state, self._shard_step(state))
+
     def put_state(self, state):
+        if self.mode == "mesh":
+            return par.put_tree(state, self._shard_step(state))
         if self.mode == "jit":
             # A copy: the step donates its input, and the caller keeps its arrays.
             return jax.tree_util.tree_map(jnp.copy, jax.device_put(state, self.devices[0]))
         n = self.n
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         broadcast = jax.jit(
             lambda tree: jax.tree_util.tree_map(
                 lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree),
             out_shardings=self.sharded,
         )
-        return broadcast(jax.device_put(state, replicated))
+        return broadcast(jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())))
 
     def get_state(self, state):
         """One copy of the state (device-count independent, for saving and eval)."""
-        if self.mode == "jit":
-            return state
-        return jax.tree_util.tree_map(lambda x: x[0], state)
+        if self.mode == "pmap":
+            return jax.tree_util.tree_map(lambda x: x[0], state)
+        return state
+
+    def host_state(self, state):
+        """The state as NumPy arrays, whole, on every process."""
+        if self.mode == "mesh":
+            return par.to_host(state)
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(self.get_state(state)))
 
     def put_batch(self, batch: dict):
-        """Host batch (B, ...) -> (devices, accum, B / (devices * accum), ...) on device."""
+        """Host batch (B, ...) -> (devices, accum, B / (devices * accum), ...) on device
+        (pmap), (accum, B / accum, ...) on one device (jit) or sharded over the mesh's
+        data and fsdp axes (mesh; each process may pass only its rows, see
+        gptjax.parallel.batch_shard)."""
+        if self.mode == "mesh":
+            return {k: par.put_local_batch(v, self.mesh, batch_size=self.batch_size,
+                                           accum=self.accum, shard=self.shard)
+                    for k, v in batch.items()}
+
         def split(x):
             x = np.asarray(x)
             lead = (self.n, self.accum) if self.mode == "pmap" else (self.accum,)
@@ -276,10 +387,17 @@ class Parallel:
         return jax.device_put(batch, self.devices[0])
 
     def metrics_value(self, metrics):
-        host = jax.device_get(metrics)
+        if self.mode == "mesh":
+            host = par.to_host(metrics)
+        else:
+            host = jax.device_get(metrics)
         if self.mode == "pmap":
             host = jax.tree_util.tree_map(lambda x: x[0], host)
         return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in host.items()}
+
+    def preempted(self, step: int) -> bool:
+        """Under jax.distributed: whether every process agreed to stop after `step`."""
+        return par.reached_preemption(step)
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -527,8 +645,10 @@ def train(
     params: the initial parameters (ignored values, used for structure, on resume).
     loss_fn(params, batch, rng) -> (loss, aux metrics dict) on one micro-batch.
     batch_fn(step) -> dict of host arrays with the global batch as leading axis;
-    it must be a pure function of the step. eval_fn(params) -> dict of floats
-    (a "val_loss" entry makes the checkpoint eligible as the best one).
+    it must be a pure function of the step. With several processes it may return
+    only this process's rows (`gptjax.parallel.process_batch_shard(loop)` says which).
+    eval_fn(params) -> dict of floats (a "val_loss" entry makes the checkpoint eligible
+    as the best one); under a mesh it gets the sharded parameters, on every process.
     meta (JSON) is saved with every checkpoint; on resume the entries named in
     check_keys must equal the checkpoint's. stop_after=k stops after step k as a
     preemption would (checkpoint saved, status "stopped"): the schedule still spans
@@ -543,15 +663,19 @@ def train(
     parallel = Parallel(lambda axis: make_train_step(loss_fn, optimizer, schedule,
                                                      axis_name=axis), loop)
     state = init_state(params, optimizer, loop.seed)
+    # Several processes: all compute and checkpoint (orbax coordinates them); only
+    # process 0 writes metrics and shows progress. They must agree on what they train.
+    par.check_same_everywhere(meta, "the run's metadata (model, tokenizer, data)")
+    primary = par.is_primary()
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=loop.keep,
                         async_save=loop.async_checkpoint)
     if resume:
         state, _, saved_step = ckpt.restore(
-            state, check=lambda saved, s: check_meta(saved, meta, check_keys,
-                                                     f"{run_dir} (step {s})"))
+            parallel.restore_target(state),
+            check=lambda saved, s: check_meta(saved, meta, check_keys, f"{run_dir} (step {s})"))
         log.info("resumed %s at step %d", run_dir, saved_step)
     start = int(state["step"])
-    logger = MetricsLog(run_dir, loop, meta)
+    logger = MetricsLog(run_dir, loop, meta) if primary else None
     result = TrainResult(state=state, status="done")
     peak = device_peak_flops(parallel.devices[0]) * parallel.n if flops_per_step else None
 
@@ -563,14 +687,16 @@ def train(
             return None
         values = {k: float(v) for k, v in eval_fn(step_state["params"]).items()}
         record = {"step": int(step_state["step"]), **values}
-        logger.write(record)
+        if logger is not None:
+            logger.write(record)
         result.evals.append(record)
         return values
 
     state = parallel.put_state(state)
     prefetch = _Prefetcher(lambda s: parallel.put_batch(batch_fn(s)), start, loop.steps,
                            loop.prefetch)
-    bar = tqdm(total=loop.steps, initial=start, disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(total=loop.steps, initial=start, disable=not (show_progress and primary),
+               dynamic_ncols=True)
     pending: list[tuple[int, Any]] = []
     window_start, window_steps = time.perf_counter(), 0
 
@@ -598,7 +724,8 @@ def train(
                     record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
                 if flops_per_step and peak:
                     record["mfu"] = flops_per_step * window_steps / elapsed / peak
-                logger.write(record)
+                if logger is not None:
+                    logger.write(record)
                 result.history.append(record)
                 post = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}"}
                 if "tokens_per_s" in record:
@@ -609,7 +736,10 @@ def train(
                 window_start, window_steps = now, 0
 
     try:
-        with _SignalCatcher() as signals:
+        # Under jax.distributed its preemption service owns SIGTERM and makes every
+        # process stop at the same step.
+        signal_context = par.PreemptionSignals() if par.is_distributed() else _SignalCatcher()
+        with signal_context as signals:
             for step in range(start, loop.steps):
                 batch = prefetch.get(step)
                 state, metrics = parallel.step(state, batch)
@@ -618,6 +748,8 @@ def train(
                 bar.update(1)
                 drain()
                 done = step + 1
+                if parallel.preempted(done):
+                    signals.received = signal.SIGTERM
                 is_eval = loop.eval_every and done % loop.eval_every == 0 and done < loop.steps
                 is_ckpt = loop.ckpt_every and done % loop.ckpt_every == 0 and done < loop.steps
                 if signals.received is not None or done == stop_after:
@@ -647,8 +779,9 @@ def train(
         prefetch.close()
         bar.close()
         ckpt.close()
-        logger.close()
-    result.state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.get_state(state)))
+        if logger is not None:
+            logger.close()
+    result.state = parallel.host_state(state)
     return result
 
 
