@@ -167,6 +167,22 @@ def verify_resume(run_dir: str | Path, meta: dict, keys: tuple[str, ...]) -> Non
         ckpt.close()
 
 
+def _one_device_target(ckpt: Checkpointer, step: int):
+    """The saved state's shapes and dtypes, placed on this process's first device.
+
+    Restoring without a target would reuse the sharding recorded at save time,
+    which names devices this process may not have (a run saved under an 8-device
+    mesh, loaded on 1).
+    """
+    saved = ocp.StandardCheckpointer().metadata(ckpt.directory / str(step) / "state")
+    tree = getattr(saved, "item_metadata", saved)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
 def load_run(run_dir: str | Path, *, which: str = "latest"):
     """(cfg, params, tokenizer) of a train.py / finetune.py run folder.
 
@@ -198,7 +214,8 @@ def load_run(run_dir: str | Path, *, which: str = "latest"):
         for step in order:
             try:
                 state = ckpt.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
+                    step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(_one_device_target(ckpt, step)))
                 )["state"]
                 break
             except Exception as err:

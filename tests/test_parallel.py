@@ -280,9 +280,6 @@ def test_train_py_with_an_fsdp_mesh(fsdp_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="checkpoint.load_run restores with the sharding "
-                   "saved on 8 devices (orbax: topology mismatch); it needs an explicit "
-                   "one-device target")
 def test_load_run_of_a_mesh_run_on_one_device(fsdp_run):
     from gptjax.checkpoint import load_run
 
