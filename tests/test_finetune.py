@@ -13,6 +13,7 @@ from gptjax.config import GPTConfig
 from gptjax.finetune import (
     TaskConfig,
     build_parser,
+    format_table,
     load_params,
     main,
     make_batch_fn,
@@ -62,13 +63,21 @@ def _args(pretrained, out, *extra):
             "--epochs", "2", "--lr", "1e-3", "--async-checkpoint", "false", *extra]
 
 
-def test_glue_sst2_end_to_end(tmp_path, pretrained, capsys):
-    data = _glue_sst2(tmp_path / "SST-2")
-    out = tmp_path / "run"
-    code = main(_args(pretrained, out, "--task", "sst2", "--data-dir", str(data)))
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "task sst2 (classification)" in printed and "accuracy" in printed
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory, pretrained):
+    """One uninterrupted SST-2 run (GLUE layout), shared by the end-to-end and resume tests."""
+    base = tmp_path_factory.mktemp("sst2")
+    data = _glue_sst2(base / "SST-2")
+    out = base / "run"
+    args = _args(pretrained, out, "--task", "sst2", "--data-dir", str(data))
+    return data, out, run(resolve(build_parser().parse_args(args)), quiet=True)
+
+
+def test_glue_sst2_end_to_end(sst2_run):
+    data, out, result = sst2_run
+    assert result.status == "done"
+    table = format_table(result)
+    assert "task sst2 (classification)" in table and "accuracy" in table
     results = json.loads((out / "results.json").read_text())
     assert [r["step"] for r in results["epochs"]] == [3, 6]  # evaluated every epoch
     lines = (out / "predictions_validation.tsv").read_text().splitlines()
@@ -123,10 +132,8 @@ def test_batch_fn_is_pure_and_visits_each_example_once_per_epoch(pretrained, tmp
 
 @pytest.mark.skipif("stop_after" not in inspect.signature(train).parameters,
                     reason="trainer without stop_after")
-def test_resume_is_exact(tmp_path, pretrained):
-    data = _glue_sst2(tmp_path / "SST-2")
-    args = _args(pretrained, tmp_path / "full", "--task", "sst2", "--data-dir", str(data))
-    full = run(resolve(build_parser().parse_args(args)), quiet=True)
+def test_resume_is_exact(tmp_path, pretrained, sst2_run):
+    data, _, full = sst2_run
     args_b = _args(pretrained, tmp_path / "cut", "--task", "sst2", "--data-dir", str(data))
     first = run(resolve(build_parser().parse_args(args_b)), quiet=True, stop_after=4)
     assert first.status == "stopped"
