@@ -98,9 +98,32 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w over x's last axis, (..., D) x (D, F) -> (..., F)."""
+    return jnp.einsum("...D,DF->...F", x, w)
+
+
+def _matmul_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(saved, g):
+    # The weight gradient as x^T g over all positions, one 2-D product. JAX's own rule
+    # forms (g^T x)^T, and XLA's CPU backend then copies g into a transposed layout for
+    # every weight, re-running the fused ops that produce g: measured 20% of a CPU step.
+    x, w = saved
+    dx = jnp.einsum("...F,DF->...D", g, w)
+    dw = jnp.einsum("ND,NF->DF", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def dense(p: Params, x: jax.Array) -> jax.Array:
     """x @ w + b in x's dtype. w is (in, out): the layout of GPT-2's Conv1D."""
-    return jnp.einsum("...D,DF->...F", x, p["w"].astype(x.dtype)) + p["b"].astype(x.dtype)
+    return _matmul(x, p["w"].astype(x.dtype)) + p["b"].astype(x.dtype)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
