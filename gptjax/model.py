@@ -475,12 +475,99 @@ def token_nll(params: Params, h: jax.Array, targets: jax.Array) -> jax.Array:
     return logz - picked
 
 
-def _weighted_mean(nll: jax.Array, weights: jax.Array | None) -> jax.Array:
+# The loss below never holds the float32 logits of the whole batch: it walks the
+# sequence in chunks of at most this many (token, vocabulary) logits (256 MiB), and
+# forms the gradient for h and W_e in the same pass (so nothing of a chunk is kept
+# for the backward pass). Inside, W_e is padded to a multiple of VOCAB_MULTIPLE rows,
+# whose logits are masked, for matmul-friendly shapes (50257 -> 50304 for GPT-2).
+LOSS_CHUNK_LOGITS = 2**26
+VOCAB_MULTIPLE = 128
+
+
+def _nll_pass(h, wte, targets, weights, grads: bool):
+    """sum(weights * -log softmax(h W_e^T)[targets]) over (B, T), by sequence chunks.
+
+    h (B, T, D), wte (V, D), targets (B, T) int, weights (B, T) float32. With grads,
+    also d/dh (B, T, D) in h's dtype and d/dwte (V, D) in wte's dtype.
+    """
+    B, T, D = h.shape
+    V = wte.shape[0]
+    Vp = -(-V // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    w_e = jnp.pad(wte, ((0, Vp - V), (0, 0))).astype(h.dtype)
+    n = -(-T // max(1, LOSS_CHUNK_LOGITS // (B * Vp)))  # chunks
+    C = -(-T // n)  # sequence positions per chunk
+    if n * C > T:  # pad the sequence with weight-0 positions
+        pad = ((0, 0), (0, n * C - T))
+        h, targets, weights = jnp.pad(h, pad + ((0, 0),)), jnp.pad(targets, pad), \
+            jnp.pad(weights, pad)
+
+    def chunk(h_c, t_c, w_c):
+        z = jnp.einsum("BCD,VD->BCV", h_c, w_e, preferred_element_type=jnp.float32)
+        if Vp > V:
+            z = jnp.where(jnp.arange(Vp) < V, z, MASK_VALUE)
+        logz = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
+        total = jnp.sum(w_c * (logz - picked))
+        if not grads:
+            return total, None, None
+        # d/dz of w * (logz - z[target]) = w * (softmax(z) - onehot(target))
+        dz = jnp.exp(z - logz[..., None]) - jax.nn.one_hot(t_c, Vp, dtype=jnp.float32)
+        dz = (dz * w_c[..., None]).astype(h.dtype)
+        dh = jnp.einsum("BCV,VD->BCD", dz, w_e, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("BCV,BCD->VD", dz, h_c, preferred_element_type=jnp.float32)
+        return total, dh.astype(h.dtype), dw
+
+    if n == 1:
+        total, dh, dw = chunk(h, targets, weights)
+    else:
+        def body(carry, xs):
+            total, dw = carry
+            t, dh_c, dw_c = chunk(*xs)
+            return (total + t, None if dw is None else dw + dw_c), dh_c
+
+        def by_chunk(x):  # (B, n C, ...) -> (n, B, C, ...): the batch axis stays put
+            return jnp.moveaxis(x.reshape((B, n, C) + x.shape[2:]), 1, 0)
+
+        zero_dw = jnp.zeros((Vp, D), jnp.float32) if grads else None
+        (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_dw),
+                                       (by_chunk(h), by_chunk(targets), by_chunk(weights)))
+        if grads:
+            dh = jnp.moveaxis(dh, 0, 1).reshape(B, n * C, D)
+    if not grads:
+        return total
+    return total, dh[:, :T], dw[:V].astype(wte.dtype)
+
+
+@jax.custom_vjp
+def _nll_sum(h, wte, targets, weights):
+    return _nll_pass(h, wte, targets, weights, grads=False)
+
+
+def _nll_sum_fwd(h, wte, targets, weights):
+    total, dh, dw = _nll_pass(h, wte, targets, weights, grads=True)
+    return total, (dh, dw)
+
+
+def _nll_sum_bwd(saved, g):
+    dh, dw = saved  # weights are constants: no gradient flows to them
+    return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+
+
+def mean_nll(params: Params, h: jax.Array, targets: jax.Array,
+             weights: jax.Array | None = None) -> jax.Array:
+    """The (weighted) mean of token_nll(params, h, targets), in float32, without its
+    (B, T, V) logits: the mean over the weights' sum (0 if it is 0), or over all positions.
+    """
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(
+        jnp.float32)
+    total = _nll_sum(h, params["wte"], targets, jax.lax.stop_gradient(w))
     if weights is None:
-        return nll.mean()
-    w = weights.astype(jnp.float32)
-    total = w.sum()
-    return jnp.where(total > 0, (nll * w).sum() / jnp.maximum(total, 1e-9), 0.0)
+        return total / targets.size
+    count = w.sum()
+    return jnp.where(count > 0, total / jnp.maximum(count, 1e-9), 0.0)
 
 
 def lm_loss_from_hidden(
@@ -490,8 +577,7 @@ def lm_loss_from_hidden(
 
     For callers that need h anyway (the fine-tuning heads); weights as in lm_loss.
     """
-    nll = token_nll(params, h[:, :-1], tokens[:, 1:])
-    return _weighted_mean(nll, None if weights is None else weights[:, 1:])
+    return mean_nll(params, h[:, :-1], tokens[:, 1:], None if weights is None else weights[:, 1:])
 
 
 def lm_loss(
@@ -526,8 +612,7 @@ def lm_loss(
 
     h = forward(params, tokens[:, :-1], cfg, train, rng, positions=inputs(positions),
                 attention_mask=inputs(attention_mask))
-    nll = token_nll(params, h, tokens[:, 1:])
-    return _weighted_mean(nll, None if weights is None else weights[:, 1:])
+    return mean_nll(params, h, tokens[:, 1:], None if weights is None else weights[:, 1:])
 
 
 # ----------------------------------------------------------------------------- KV cache
