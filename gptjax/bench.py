@@ -86,10 +86,15 @@ def bench_config(
     remat: bool | None = None,
     dropout: float | None = None,
 ) -> GPTConfig:
-    """The preset's model with the benchmark's overrides (None keeps the preset's value)."""
+    """The model train.py builds for this preset (the preset, then its recipe's model
+    fields), with the benchmark's overrides (None keeps that value)."""
+    from gptjax.pretrain import RECIPES
+
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cfg = PRESETS[preset]
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = PRESETS[preset].replace(
+        **{k: v for k, v in RECIPES.get(preset, {}).items() if k in fields})
     if vocab_size is None and preset in _CHAR_PRESETS:
         vocab_size = CHAR_VOCAB
     changes = dict(n_ctx=n_ctx, vocab_size=vocab_size, dtype=dtype, attention=attention,
@@ -147,7 +152,7 @@ def peak_flops() -> tuple[float, str]:
 
 def _summary(times_s: Sequence[float]) -> dict[str, float]:
     ms = sorted(1e3 * t for t in times_s)
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) >= 2 else [ms[0]] * 9
     return {"median": statistics.median(ms), "p10": q[0], "p90": q[-1], "min": ms[0],
             "max": ms[-1], "n": len(ms)}
 
@@ -393,67 +398,98 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-def reference_in_subprocess(argv: Sequence[str]) -> dict:
-    """Run this module with --reference-only in a fresh process and read its JSON."""
+def _torch_cuda() -> bool:
+    """Whether the reference would run on a GPU (asked of torch: JAX's GPU backend must not
+    start before the reference has run, or it would hold most of the GPU's memory)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def reference_in_subprocess(args: argparse.Namespace, *, device: str, dtype: str | None) -> dict:
+    """Run the reference alone in a fresh process (JAX kept off the GPU there) and read
+    its JSON."""
     import tempfile
 
+    settings = {"--preset": args.preset, "--batch-size": args.batch_size,
+                "--n-ctx": args.n_ctx, "--vocab-size": args.vocab_size, "--dtype": dtype,
+                "--dropout": args.dropout, "--steps": args.steps, "--rounds": args.rounds,
+                "--warmup": args.warmup, "--threads": args.threads, "--ref-device": device}
+    cmd = [sys.executable, "-m", "gptjax.bench", "--reference-only"]
+    for flag, value in settings.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    for flag, value in (("compile", args.ref_compile), ("bf16", args.ref_bf16)):
+        if value is not None:
+            cmd.append(f"--ref-{flag}" if value else f"--no-ref-{flag}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "reference.json")
-        cmd = [sys.executable, "-m", "gptjax.bench", *argv, "--reference-only", "--json", out]
-        subprocess.run(cmd, check=True)
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        subprocess.run(cmd + ["--json", out], check=True, env=env)
         with open(out) as f:
             return json.load(f)["pytorch"]
 
 
-def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
-    cfg = bench_config(args.preset, n_ctx=args.n_ctx, vocab_size=args.vocab_size,
-                       dtype=args.dtype, attention=args.attention, scan_layers=args.scan,
-                       remat=args.remat, dropout=args.dropout)
+def _reference_kwargs(args, cfg: GPTConfig, device: str, threads: int) -> dict:
+    return dict(device=device, threads=threads,
+                compile=device == "cuda" if args.ref_compile is None else args.ref_compile,
+                bf16=cfg.dtype != "float32" if args.ref_bf16 is None else args.ref_bf16)
+
+
+def _model(args, dtype: str | None) -> GPTConfig:
+    return bench_config(args.preset, n_ctx=args.n_ctx, vocab_size=args.vocab_size,
+                        dtype=dtype, attention=args.attention, scan_layers=args.scan,
+                        remat=args.remat, dropout=args.dropout)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Everything `python -m gptjax.bench` measures, as one JSON-ready dict."""
+    threads = args.threads or _threads()
     optim, total_steps = recipe_optim(args.preset)
+    if args.reference_only:  # the child of reference_in_subprocess: torch alone
+        cfg = _model(args, args.dtype)
+        runner = TorchRunner(cfg, args.batch_size, optim,
+                             **_reference_kwargs(args, cfg, args.ref_device, threads))
+        timed = measure([runner], rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+        return {"pytorch": {**runner.info, **timed["pytorch"], "memory": runner.memory(),
+                            "loss": runner.loss()}}
+
+    load_start = _load()
+    reference = None
+    ref_on_gpu = args.reference and _torch_cuda()
+    if args.reference and (ref_on_gpu or args.ref_process):
+        ref_dtype = args.dtype or ("bfloat16" if ref_on_gpu else None)
+        reference = reference_in_subprocess(args, device="cuda" if ref_on_gpu else "cpu",
+                                            dtype=ref_dtype)
+
+    backend = jax.default_backend()
+    dtype = args.dtype
+    if dtype is None and backend in ("gpu", "tpu"):
+        dtype = "bfloat16"  # DESIGN: bfloat16 compute on accelerators, float32 on CPU
+    cfg = _model(args, dtype)
     tokens = args.batch_size * cfg.n_ctx
     flops = step_flops(cfg, tokens)
-    threads = args.threads or _threads()
-    backend = jax.default_backend()
-    on_gpu = backend == "gpu"
+    peak, peak_source = peak_flops()
     result = {
         "preset": args.preset, "batch_size": args.batch_size, "n_ctx": cfg.n_ctx,
-        "tokens_per_step": tokens, "model": cfg.to_dict(),
-        "flops_per_step": flops,
+        "tokens_per_step": tokens, "model": cfg.to_dict(), "flops_per_step": flops,
+        "peak_flops": peak, "peak_source": peak_source,
         "host": {"machine": platform.machine(), "processor": platform.processor(),
-                 "cores": threads, "load_avg_start": _load()},
+                 "cores": threads, "load_avg_start": load_start},
         "backend": backend, "device_kind": jax.local_devices()[0].device_kind,
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    ref_bf16 = cfg.dtype != "float32" if args.ref_bf16 is None else args.ref_bf16
-    ref_compile = on_gpu if args.ref_compile is None else args.ref_compile
-    ref_kwargs = dict(device="cuda" if on_gpu else "cpu", compile=ref_compile, bf16=ref_bf16,
-                      threads=threads)
-
-    if args.reference_only:
-        runner = TorchRunner(cfg, args.batch_size, optim, **ref_kwargs)
-        result["pytorch"] = {**runner.info, **measure([runner], rounds=args.rounds,
-                                                      steps=args.steps,
-                                                      warmup=args.warmup)["pytorch"],
-                             "memory": runner.memory(), "loss": runner.loss()}
-        return result
-
-    reference = None
-    if args.reference and on_gpu:
-        reference = reference_in_subprocess(argv)
-
-    peak, peak_source = peak_flops()
-    result["peak_flops"], result["peak_source"] = peak, peak_source
     jax_runner = JaxRunner(cfg, args.batch_size, optim, total_steps)
     result["gptjax"] = dict(jax_runner.info)
-    if args.compile_only:
-        result["gptjax"]["memory"] = jax_runner.memory()
-        result["host"]["load_avg_end"] = _load()
-        return result
-
     runners: list[Runner] = [jax_runner]
-    if args.reference and not on_gpu:
-        torch_runner = TorchRunner(cfg, args.batch_size, optim, **ref_kwargs)
-        runners.append(torch_runner)
+    if args.reference and reference is None:
+        runners.append(TorchRunner(cfg, args.batch_size, optim,
+                                   **_reference_kwargs(args, cfg, "cpu", threads)))
+    if args.compile_only:
+        runners = []
+        result["gptjax"]["memory"] = jax_runner.memory()
     measured = measure(runners, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
     for runner in runners:
         entry = result.setdefault(runner.name, {})
@@ -464,10 +500,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     if reference is not None:
         result["pytorch"] = reference
     for name in ("gptjax", "pytorch"):
-        if name in result:
+        if "step_ms" in result.get(name, {}):
             result[name].update(_figures(result[name]["step_ms"]["median"], tokens, flops,
                                          peak))
-    if "pytorch" in result:
+    if "step_ms" in result.get("pytorch", {}) and "step_ms" in result["gptjax"]:
         jax_ms = result["gptjax"]["step_ms"]["median"]
         ref_ms = result["pytorch"]["step_ms"]["median"]
         result["step_time_ratio"] = jax_ms / ref_ms
@@ -495,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default: the preset's; {CHAR_VOCAB} (the built-in corpus' char "
                    f"vocabulary) for {', '.join(_CHAR_PRESETS)}")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the preset's, float32)")
+                   help="compute dtype (default: bfloat16 on a GPU or TPU, else the preset's)")
     p.add_argument("--attention", default=None, choices=["auto", "xla", "cudnn"])
     p.add_argument("--scan", default=None, action=argparse.BooleanOptionalAction,
                    help="scan_layers (default: the preset's)")
@@ -508,6 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true",
                    help="also time the PyTorch reference (needs torch + transformers)")
     p.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ref-device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--ref-process", action="store_true",
+                   help="run the reference in a separate process, before gptjax (always so on "
+                   "a GPU); on CPU the default runs both in one process, in alternating rounds")
     p.add_argument("--ref-compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the reference (default: on GPU only)")
     p.add_argument("--ref-bf16", default=None, action=argparse.BooleanOptionalAction,
@@ -568,11 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    passed = [a for a in argv if a not in ("--reference",)]
-    json_at = passed.index("--json") if "--json" in passed else -1
-    if json_at >= 0:
-        del passed[json_at:json_at + 2]
-    result = run_benchmark(args, passed)
+    result = run_benchmark(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
