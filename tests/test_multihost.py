@@ -179,7 +179,7 @@ def test_two_processes_equal_one(single, two):
         np.testing.assert_allclose(out["losses"], single[0], atol=1e-5)
     for a, b, c in zip(params(run / "final0.npz"), params(run / "final1.npz"), single[1]):
         np.testing.assert_array_equal(a, b)  # every process gathers the same parameters
-        np.testing.assert_allclose(a, np.asarray(c), atol=1e-5)
+        np.testing.assert_allclose(a, np.asarray(c), atol=TT.PARAM_ATOL)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # process 0 only
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [str(STEPS)]

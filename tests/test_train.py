@@ -28,6 +28,11 @@ from gptjax.trainer import (
     train,
 )
 
+# Parameters after a few steps of Adam at lr 1e-2, compared across device layouts. Adam
+# moves a parameter whose gradient is near its eps (1e-8) by lr * g / (|g| + eps), so
+# float reassociation in the sharded reductions can change such a step by ~1e-5 (seen
+# in CI: 1.45e-5 on a bias); 1e-4 is 1% of one step, far below any real error (~lr).
+PARAM_ATOL = 1e-4
 CFG = GPTConfig(vocab_size=61, n_ctx=16, n_layer=2, n_head=2, n_embd=32, embd_pdrop=0.1,
                 attn_pdrop=0.0, resid_pdrop=0.1)
 DATA = np.random.default_rng(0).integers(0, CFG.vocab_size, 4000)
@@ -263,7 +268,7 @@ def test_pmap_on_eight_devices_equals_one_device(tmp_path):
     for name in ("eight", "eight_accum"):
         other = np.load(tmp_path / f"{name}.npz")
         for key in one.files:
-            np.testing.assert_allclose(other[key], one[key], atol=1e-5)
+            np.testing.assert_allclose(other[key], one[key], atol=PARAM_ATOL)
     # a checkpoint saved on 8 devices restores on 1 (this process has one device)
     opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1), 3)
     target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
@@ -273,7 +278,7 @@ def test_pmap_on_eight_devices_equals_one_device(tmp_path):
     assert step == 3
     restored = jax.tree_util.tree_leaves(state["params"])
     for key, leaf in zip(one.files, restored):
-        np.testing.assert_allclose(np.asarray(leaf), one[key], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(leaf), one[key], atol=PARAM_ATOL)
 
 
 def test_batch_must_divide_by_devices(tmp_path):
