@@ -21,40 +21,27 @@
 #
 # A dry run of the plumbing on a CPU: SUITE_PRESET=tiny SUITE_CTX=32 bash benchmarks/gpu_suite.sh main
 #
-# Output: $OUT (the device tool's folder) or ./gpu_results: gpu_suite.json (every run's
+# Output: $OUT (the device tool's folder) or ./gpu_results: suite.json (every run's
 # full JSON, keyed by run name), suite.log (everything printed) and summary.txt (a table).
 # Targets (issue 6): gptjax >= 1.3x the reference's tokens/s in `main`, and >= 47% MFU by
 # the causal formula (about 590k tokens/s at 989 TFLOP/s).
 set -uo pipefail
 
 OUT_DIR=${OUT:-gpu_results}
-RUNS="$OUT_DIR/runs"
-LOG="$OUT_DIR/suite.log"
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/common.sh"
 CACHE=${GPTJAX_JAX_CACHE:-/tmp/gptjax-jax-cache}
 PRESET=${SUITE_PRESET:-gpt2}
 CTX=${SUITE_CTX:-1024}
-mkdir -p "$RUNS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env main variants maxbatch)
 
-log() { echo "$*" | tee -a "$LOG"; }
-
-# bench NAME TIMEOUT_S ARGS...: one `python -m gptjax.bench` run of the gpt2 preset at
-# context 1024 without dropout (nanoGPT's setting), its JSON in $RUNS/NAME.json.
+# bench NAME TIMEOUT_S ARGS...: the gpt2 preset at context 1024 without dropout
+# (nanoGPT's setting), sharing one persistent compilation cache.
 bench() {
     local name=$1 limit=$2
     shift 2
-    log "=== $name: $*"
-    timeout "$limit" "$PY" -m gptjax.bench --preset "$PRESET" --n-ctx "$CTX" --dropout 0 \
-        --cache-dir "$CACHE" "$@" --json "$RUNS/$name.json" >"$RUNS/$name.log" 2>&1
-    local status=$?
-    cat "$RUNS/$name.log" >>"$LOG"
-    grep -E "^  (gptjax|pytorch)" "$RUNS/$name.log" || tail -n 3 "$RUNS/$name.log"
-    rm -f "$RUNS/$name.log"
-    [ $status -ne 0 ] && log "--- $name failed with status $status"
-    return $status
+    run_bench "$name" "$limit" --preset "$PRESET" --n-ctx "$CTX" --dropout 0 \
+        --cache-dir "$CACHE" "$@"
 }
 
 env_stage() {
@@ -100,27 +87,4 @@ for stage in "${STAGES[@]}"; do
     esac
 done
 
-# Gather every run into one JSON file and print a table (the device tool returns 8 files).
-"$PY" - "$OUT_DIR" <<'EOF' | tee "$OUT_DIR/summary.txt"
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-merged_path = out / "gpu_suite.json"
-merged = json.loads(merged_path.read_text()) if merged_path.exists() else {}
-for path in sorted((out / "runs").glob("*.json")):
-    merged[path.stem] = json.loads(path.read_text())
-    path.unlink()
-merged_path.write_text(json.dumps(merged, indent=1))
-print(f"{'run':20s} {'batch':>5s} {'step ms':>8s} {'tok/s':>9s} {'MFU causal':>10s} "
-      f"{'compile s':>9s} {'peak GiB':>8s}  pytorch ms / speed-up")
-for name, r in merged.items():
-    j = r.get("gptjax", {})
-    mem = j.get("memory", {}).get("peak_bytes_in_use_mb", float("nan")) / 1024
-    nan = float("nan")
-    line = (f"{name:20s} {r['batch_size']:5d} {j.get('step_ms', {}).get('median', nan):8.2f} "
-            f"{j.get('tokens_per_s', nan):9.0f} {100 * j.get('mfu_causal', nan):9.1f}% "
-            f"{j.get('compile_s', nan):9.1f} {mem:8.1f}")
-    if "pytorch" in r:
-        p = r["pytorch"]
-        line += f"  {p['step_ms']['median']:.2f} ms, {r['speedup']:.2f}x"
-    print(line)
-EOF
+summarize

@@ -74,7 +74,7 @@ from gptjax.tasks import (
     make_loss_fn,
     make_predict_fn,
 )
-from gptjax.trainer import LoopConfig, exit_code, prepare_run_dir, train
+from gptjax.trainer import LoopConfig, exit_code, prepare_run_dir, train, use_compile_cache
 
 log = logging.getLogger("gptjax.finetune")
 
@@ -563,6 +563,7 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, stop_after: int | None = None) -> FinetuneResult:
     """Prepare everything that can fail on bad input, then the run folder, then train."""
     tc = settings.task
+    use_compile_cache(settings.loop.compile_cache)  # before anything is compiled
     run_dir = Path(settings.out_dir)
     seed = settings.loop.seed
     if resume:

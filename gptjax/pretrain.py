@@ -47,6 +47,7 @@ from gptjax.trainer import (
     plot_losses,
     prepare_run_dir,
     train,
+    use_compile_cache,
 )
 
 log = logging.getLogger("gptjax.pretrain")
@@ -282,6 +283,7 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
     """Prepare everything that can fail on bad input, then the run folder, then train."""
     data = settings.data
     par.initialize(settings.loop)  # multi-host: before any JAX computation
+    use_compile_cache(settings.loop.compile_cache)  # before anything is compiled
     texts = load_texts(None if data.data == "builtin" else data.data, text_field=data.text_field,
                        hf_split=data.hf_split)
     source_fp = text_fingerprint(texts)

@@ -99,6 +99,10 @@ class LoopConfig:
     tensorboard: bool = False
     # Optional Weights & Biases project name (needs wandb).
     wandb_project: str = ""
+    # JAX's persistent compilation cache: compiled steps are saved here and reloaded by
+    # later runs with the same model, shapes, flags and versions ("" = off; a folder set
+    # by JAX_COMPILATION_CACHE_DIR wins). train.py and finetune.py apply it at start-up.
+    compile_cache: str = "~/.cache/gptjax/jax"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "keep", "log_every", "max_nonfinite"):
@@ -123,6 +127,25 @@ class LoopConfig:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
             )
+
+
+def use_compile_cache(folder: str) -> str | None:
+    """Turn on JAX's persistent compilation cache in `folder` (~ expanded); returns the
+    folder in use, or None. A folder JAX has already (JAX_COMPILATION_CACHE_DIR,
+    jax.config) is kept; "" changes nothing. JAX decides once per process, at its first
+    compilation, whether to use the cache, so call this before anything is jitted."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or not folder:
+        return current
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning("compile_cache=%r cannot be created (%s); compiling without it",
+                    folder, err)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)
 
 
 class TrainingDiverged(RuntimeError):

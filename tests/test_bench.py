@@ -74,3 +74,29 @@ def test_bench_config_follows_train_py():
     per_token = flops_per_token(cfg)
     assert flops["causal"] == 10 * per_token
     assert flops["palm"] - flops["causal"] == 10 * 6 * cfg.n_layer * cfg.n_ctx * cfg.n_embd
+
+
+def test_suite_summary_gathers_runs(tmp_path, capsys):
+    """benchmarks/summarize.py, which both suite scripts end with: runs/*.json move into
+    suite.json (earlier runs kept) and each becomes a table row."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert bench.main(TINY + ["--json", str(runs / "first.json")]) == 0
+    assert summarize.main(str(tmp_path)) == 0
+    assert bench.main(TINY + ["--no-scan", "--json", str(runs / "second.json")]) == 0
+    capsys.readouterr()
+    assert summarize.main(str(tmp_path)) == 0
+    table = capsys.readouterr().out.splitlines()
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    assert sorted(suite) == ["first", "second"] and not list(runs.iterdir())
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["first"][5] == "scan" and rows["second"][5] == "loop"
+    median = suite["second"]["gptjax"]["step_ms"]["median"]
+    assert float(rows["second"][6]) == pytest.approx(median, abs=0.01)

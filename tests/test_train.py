@@ -305,3 +305,40 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
     assert ckpt.steps() == [4, 8, 10]
     assert best_step(ckpt) == 4
     ckpt.close()
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import jax, jax.numpy as jnp
+    from gptjax.trainer import use_compile_cache
+    used = use_compile_cache(sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+    print(json.dumps({"used": used, "config": jax.config.jax_compilation_cache_dir}))
+""")
+
+
+@pytest.mark.parametrize("preset_env", [False, True])
+def test_compile_cache_is_used_and_an_env_folder_wins(tmp_path, preset_env):
+    asked, env_dir = tmp_path / "asked" / "jax", tmp_path / "from-env"
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if preset_env:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(env_dir)
+    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(asked)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    folder = env_dir if preset_env else asked
+    assert out["used"] == out["config"] == str(folder)
+    assert any(folder.iterdir())  # the compiled function was written there
+    if preset_env:
+        assert not asked.exists()
+
+
+def test_compile_cache_off_changes_nothing():
+    from gptjax.trainer import use_compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    assert use_compile_cache("") == before
+    assert jax.config.jax_compilation_cache_dir == before
