@@ -106,7 +106,7 @@ RECIPES: dict[str, dict] = {
     "char": dict(lr=1e-3, warmup_steps=100, schedule="cosine", min_lr=1e-4, b2=0.99,
                  weight_decay=0.1, batch_size=12, steps=2000, tokenizer="char",
                  eval_every=250),
-    # `python train.py` with no arguments: about five minutes on two CPU cores.
+    # `python train.py` with no arguments: about four minutes on two CPU cores.
     "cpu-small": dict(lr=2e-3, warmup_steps=50, schedule="cosine", min_lr=1e-4, b2=0.99,
                       weight_decay=0.1, batch_size=16, steps=600, eval_every=100,
                       tokenizer="bpe", dtype="float32"),
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Pre-train a GPT on text. With no arguments: a small GPT on Python's "
-        "own documentation (no download), about five minutes on two CPU cores.",
+        "own documentation (no download), about four minutes on two CPU cores.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),

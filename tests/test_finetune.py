@@ -3,6 +3,10 @@ best checkpoint, exact resume, CLI errors. Plus the built-in demo tasks' constru
 
 import inspect
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -145,6 +149,58 @@ def test_resume_is_exact(tmp_path, pretrained, sst2_run):
     assert full.best == resumed.best
     best = load_params(tmp_path / "cut" / "best", a)
     assert jax.tree_util.tree_structure(best) == jax.tree_util.tree_structure(a)
+
+
+PARALLEL = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from gptjax.finetune import build_parser, resolve, run
+    base, pretrained, data = sys.argv[1:4]
+    out = {"devices": jax.device_count()}
+    for name, extra in (("one", ["--devices", "1", "--parallel", "jit"]),
+                        ("pmap8", ["--devices", "8"]),
+                        ("mesh", ["--mesh", "data=2,fsdp=2,tensor=2"])):
+        args = ["--init", pretrained, "--out-dir", base + "/" + name, "--quiet",
+                "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--log-every", "1",
+                "--async-checkpoint", "false", "--head-dropout", "0", "--task", "sst2",
+                "--data-dir", data, *extra]
+        r = run(resolve(build_parser().parse_args(args)), quiet=True)
+        state = r.train_result.state
+        np.savez(base + "/" + name + ".npz",
+                 *[np.asarray(x) for x in jax.tree_util.tree_leaves(state["params"])])
+        out[name] = {"losses": [h["loss"] for h in r.train_result.history],
+                     "best": r.best, "status": r.status, "keys": sorted(state["params"])}
+    print(json.dumps(out))
+""")
+
+
+def test_finetuning_on_eight_devices_equals_one(tmp_path, pretrained):
+    """The {"gpt", "head"} tree through the shared loop's pmap and mesh modes: the same
+    losses, parameters and validation results as one device (no dropout)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import test_parallel as TP
+    import test_train as TT
+
+    data = _glue_sst2(tmp_path / "SST-2")
+    script = tmp_path / "parallel.py"
+    script.write_text(PARALLEL)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(pretrained),
+                           str(data)], env=TP.sub_env(8), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    one = np.load(tmp_path / "one.npz")
+    assert out["one"]["status"] == "done" and len(out["one"]["losses"]) == 6
+    for name in ("pmap8", "mesh"):
+        assert out[name]["status"] == "done" and out[name]["keys"] == ["gpt", "head"]
+        np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], atol=1e-5)
+        assert out[name]["best"]["step"] == out["one"]["best"]["step"]
+        np.testing.assert_allclose(out[name]["best"]["val_loss"], out["one"]["best"]["val_loss"],
+                                   atol=1e-5)
+        other = np.load(tmp_path / f"{name}.npz")
+        for key in one.files:
+            np.testing.assert_allclose(other[key], one[key], atol=TT.PARAM_ATOL, err_msg=name)
 
 
 def test_cli_help_and_bad_input(tmp_path, pretrained, capsys):
