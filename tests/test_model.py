@@ -181,6 +181,33 @@ def test_banded_attention_paths_agree():
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_norm_gradient_equals_autodiff_of_the_formula(dtype):
+    """layer_norm's hand-written backward against JAX's derivative of the plain formula."""
+    def plain(p, x, eps):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + eps) * p["g"] + p["b"]).astype(x.dtype)
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = (3 * jax.random.normal(k[0], (3, 5, 16)) + 1).astype(dtype)
+    p = {"g": jax.random.normal(k[1], (16,)), "b": jax.random.normal(k[2], (16,))}
+    w = jax.random.normal(k[3], (3, 5, 16))
+
+    def grads(fn):
+        loss = lambda p, x: jnp.sum(w * jnp.tanh(fn(p, x, 1e-5).astype(jnp.float32)))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(p, x)
+
+    ours, ref = grads(M.layer_norm), grads(plain)
+    np.testing.assert_allclose(ours[0]["g"], ref[0]["g"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[0]["b"], ref[0]["b"], rtol=1e-5, atol=1e-5)
+    assert ours[1].dtype == x.dtype
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(ours[1], np.float32), np.asarray(ref[1], np.float32),
+                               rtol=tol, atol=tol)
+
+
 def test_init_statistics():
     cfg = preset("gpt2").replace(n_layer=2, vocab_size=1000)
     params = gptjax.init_params(cfg, jax.random.PRNGKey(0))
