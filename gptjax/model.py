@@ -576,20 +576,27 @@ def _nll_pass(h, wte, targets, weights, grads: bool):
             jnp.pad(weights, pad)
 
     def chunk(h_c, t_c, w_c):
-        z = jnp.einsum("BCD,VD->BCV", h_c, w_e, preferred_element_type=jnp.float32)
+        # Rows of positions, (N, D) with N = B C: 2-D products, and the exponentials
+        # formed once for both log Z and the softmax.
+        x = h_c.reshape(-1, D)
+        z = jnp.einsum("ND,VD->NV", x, w_e, preferred_element_type=jnp.float32)
         if Vp > V:
             z = jnp.where(jnp.arange(Vp) < V, z, MASK_VALUE)
-        logz = jax.nn.logsumexp(z, axis=-1)
-        picked = jnp.take_along_axis(z, t_c[..., None], axis=-1)[..., 0]
-        total = jnp.sum(w_c * (logz - picked))
+        top = jax.lax.stop_gradient(z.max(-1, keepdims=True))
+        e = jnp.exp(z - top)
+        sum_e = e.sum(-1, keepdims=True)
+        logz = (top + jnp.log(sum_e))[:, 0]
+        t_flat, w_flat = t_c.reshape(-1), w_c.reshape(-1)
+        picked = jnp.take_along_axis(z, t_flat[:, None], axis=-1)[:, 0]
+        total = jnp.sum(w_flat * (logz - picked))
         if not grads:
             return total, None, None
         # d/dz of w * (logz - z[target]) = w * (softmax(z) - onehot(target))
-        dz = jnp.exp(z - logz[..., None]) - jax.nn.one_hot(t_c, Vp, dtype=jnp.float32)
-        dz = (dz * w_c[..., None]).astype(h.dtype)
-        dh = jnp.einsum("BCV,VD->BCD", dz, w_e, preferred_element_type=jnp.float32)
-        dw = jnp.einsum("BCV,BCD->VD", dz, h_c, preferred_element_type=jnp.float32)
-        return total, dh.astype(h.dtype), dw
+        dz = e / sum_e - jax.nn.one_hot(t_flat, Vp, dtype=jnp.float32)
+        dz = (dz * w_flat[:, None]).astype(h.dtype)
+        dh = jnp.einsum("NV,VD->ND", dz, w_e, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("ND,NV->DV", x, dz, preferred_element_type=jnp.float32).T
+        return total, dh.astype(h.dtype).reshape(h_c.shape), dw
 
     if n == 1:
         total, dh, dw = chunk(h, targets, weights)

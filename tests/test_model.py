@@ -139,6 +139,33 @@ def test_lm_loss_matches_manual_and_weights(cfg):
     assert np.isfinite(float(gptjax.lm_loss(params, full, cfg)))
 
 
+@pytest.mark.parametrize("chunk_logits", [M.LOSS_CHUNK_LOGITS, 4 * 128 * 3])
+def test_loss_gradient_by_chunks_equals_autodiff(monkeypatch, chunk_logits):
+    """mean_nll's one-pass gradient (vocabulary 61 padded to 128 inside; with a small
+    chunk budget: 3 positions per chunk over 10, so the last chunk is padded) against
+    JAX's derivative of log-softmax over the unpadded logits, with per-token weights."""
+    monkeypatch.setattr(M, "LOSS_CHUNK_LOGITS", chunk_logits)
+    B, T, D, V = 4, 10, 16, 61
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    h = jax.random.normal(k[0], (B, T, D))
+    params = {"wte": jax.random.normal(k[1], (V, D))}
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    weights = jax.random.uniform(k[3], (B, T)) * (jnp.arange(T) % 4 != 0)
+
+    def plain(params, h):
+        z = jnp.einsum("BTD,VD->BTV", h, params["wte"])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(z), targets[..., None], -1)[..., 0]
+        return jnp.sum(weights * nll) / jnp.sum(weights)
+
+    def ours(params, h):
+        return M.mean_nll(params, h, targets, weights)
+
+    (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(params, h) for f in (ours, plain))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(ga[0]["wte"], gb[0]["wte"], atol=1e-6)
+    np.testing.assert_allclose(ga[1], gb[1], atol=1e-6)
+
+
 def test_padding_mask_right_and_left(cfg):
     params = gptjax.init_params(cfg, jax.random.PRNGKey(0))
     toks = tokens_for(cfg, B=1, T=7)
