@@ -634,7 +634,15 @@ class _Prefetcher:
     def get(self, step):
         if self.thread is None:
             return self.make(step)
-        got, batch, err = self.queue.get()
+        while True:
+            # Short waits: a signal (Ctrl-C) caught by another thread only runs its Python
+            # handler when the main thread returns to Python, not while it blocks here
+            # on a slow batch.
+            try:
+                got, batch, err = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         if err is not None:
             raise err
         assert got == step, (got, step)

@@ -56,6 +56,11 @@ WORKER = textwrap.dedent("""
             time.sleep(3600)  # until killed
         if pid == 1 and step == opts.get("signal_at"):
             os.kill(os.getpid(), getattr(signal, opts["signal"]))
+        if opts.get("signal_at") is not None and step >= opts["signal_at"]:
+            # Batches are prepared ahead, so the signal comes steps before the end; slow
+            # the rest so that JAX's preemption service agrees on a step before the last
+            # one (without this, tiny fast steps could all finish first).
+            time.sleep(1.0)
         full = TT.batch_fn(step, 16)["tokens"]
         n = 16 // count
         rows.append(n)
@@ -219,14 +224,16 @@ def test_a_killed_process_ends_the_job_and_resume_is_exact(two, tmp_path):
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_every_process_at_the_same_step(two, tmp_path, sig):
     run = tmp_path / "run"
-    # process 1 gets the signal while preparing step 4's batch; JAX's preemption service
-    # tells process 0, and both save the same step and exit with 143 (SIGINT is relayed
-    # as a SIGTERM so that the job agrees on the step)
-    results = finish(launch(tmp_path, run, signal_at=4, signal=sig))
+    # process 1 gets the signal while preparing step 3's batch (built once step 0 has
+    # taken its batch: batches are built two ahead, and earlier the loop's handlers are
+    # not yet in place); JAX's preemption service tells process 0, and both save the same
+    # step and exit with 143 (SIGINT is relayed as a SIGTERM so that the job agrees on
+    # the step)
+    results = finish(launch(tmp_path, run, signal_at=3, signal=sig))
     assert [rc for rc, _, _ in results] == [143, 143], results[1][2][-3000:]
     outs = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in results]
     assert outs[0]["status"] == outs[1]["status"] == "preempted"
-    assert outs[0]["step"] == outs[1]["step"] < STEPS
+    assert outs[0]["step"] == outs[1]["step"] < STEPS, results[1][2][-3000:]
     saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [outs[0]["step"]]
     out = report(finish(launch(tmp_path, run, resume=True)))
