@@ -65,6 +65,18 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def restored_params(ckpt_dir, cfg=CFG, steps=3):
+    """The parameter leaves of a checkpoint of `steps` steps (saved on any devices or mesh)
+    restored on this process's one device."""
+    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1), steps)
+    target = init_state(M.init_params(cfg, jax.random.PRNGKey(0)), opt, 0)
+    ckpt = Checkpointer(ckpt_dir)
+    state, _, step = ckpt.restore(target)
+    ckpt.close()
+    assert step == steps
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state["params"])]
+
+
 def test_weight_decay_mask_is_explicit():
     params = M.init_params(CFG.replace(norm="pre"), jax.random.PRNGKey(0))
     mask = weight_decay_mask({"gpt": params, "head": {"kernel": 1.0, "bias": 0.0}})
@@ -270,15 +282,8 @@ def test_pmap_on_eight_devices_equals_one_device(tmp_path):
         for key in one.files:
             np.testing.assert_allclose(other[key], one[key], atol=PARAM_ATOL)
     # a checkpoint saved on 8 devices restores on 1 (this process has one device)
-    opt = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1), 3)
-    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
-    ckpt = Checkpointer(tmp_path / "eight" / "checkpoints")
-    state, _, step = ckpt.restore(target)
-    ckpt.close()
-    assert step == 3
-    restored = jax.tree_util.tree_leaves(state["params"])
-    for key, leaf in zip(one.files, restored):
-        np.testing.assert_allclose(np.asarray(leaf), one[key], atol=PARAM_ATOL)
+    for key, leaf in zip(one.files, restored_params(tmp_path / "eight" / "checkpoints")):
+        np.testing.assert_allclose(leaf, one[key], atol=PARAM_ATOL)
 
 
 def test_batch_must_divide_by_devices(tmp_path):
