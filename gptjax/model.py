@@ -24,6 +24,7 @@ No Flax, no I/O, nothing global: every function takes the config explicitly
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -126,37 +127,63 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 def _product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum in a's dtype. XLA's CPU backend has bfloat16 kernels only for products that
     accumulate into float32 (twice the float32 rate on AVX512-BF16), so ask for that there."""
-    if a.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    if not _f32_accumulate(a.dtype):
         return jnp.einsum(spec, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def _f32_accumulate(dtype) -> bool:
+    """Whether products of this dtype ask for a float32 result: XLA's CPU backend has
+    bfloat16 kernels only for products that accumulate into float32 (twice the float32
+    rate on AVX512-BF16)."""
+    return dtype != jnp.float32 and jax.default_backend() == "cpu"
+
+
 @jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w over x's last axis, (..., D) x (D, F) -> (..., F)."""
-    return _product("...D,DF->...F", x, w)
+def _affine(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w + b over x's last axis in x's dtype, (..., D) x (D, F) + (F,) -> (..., F);
+    w and b in their own (master) dtype."""
+    return _affine_fwd(x, w, b)[0]
 
 
-def _matmul_fwd(x, w):
-    return _matmul(x, w), (x, w)
+def _affine_fwd(x, w, b):
+    wc = w.astype(x.dtype)
+    if _f32_accumulate(x.dtype):  # add the bias before rounding to x's dtype
+        y = jnp.einsum("...D,DF->...F", x, wc, preferred_element_type=jnp.float32)
+        y = (y + b.astype(jnp.float32)).astype(x.dtype)
+    else:
+        y = jnp.einsum("...D,DF->...F", x, wc) + b.astype(x.dtype)
+    return y, (x, w, b)
 
 
-def _matmul_bwd(saved, g):
+def _affine_bwd(saved, g):
     # The weight gradient as x^T g over all positions, one 2-D product. JAX's own rule
     # forms (g^T x)^T, and XLA's CPU backend then copies g into a transposed layout for
     # every weight, re-running the fused ops that produce g: measured 20% of a CPU step.
-    x, w = saved
-    dx = _product("...F,DF->...D", g, w)
-    dw = _product("ND,NF->DF", x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-    return dx, dw
+    # The weight and bias gradients come out in float32 (the master dtype) directly.
+    x, w, b = saved
+    dx = _product("...F,DF->...D", g, w.astype(g.dtype))
+    g2 = g.reshape(-1, g.shape[-1])
+    if _f32_accumulate(g.dtype) and x.ndim == 3 and x.shape[0] > 1:
+        # XLA folds a plain transpose of x into the product, whose bfloat16 kernel then
+        # refuses it (float32 fallback: twice the time). With the rows in (T, B) order in
+        # both operands, x^T is a real copy in the layout the kernel takes.
+        x_t = jnp.transpose(x, (2, 1, 0)).reshape(x.shape[-1], -1)
+        g_tb = jnp.swapaxes(g, 0, 1).reshape(-1, g.shape[-1])
+        dw = jnp.einsum("DN,NF->DF", x_t, g_tb, preferred_element_type=jnp.float32)
+    else:
+        dw = jnp.einsum("ND,NF->DF", x.reshape(-1, x.shape[-1]), g2,
+                        preferred_element_type=jnp.float32)
+    db = jnp.sum(g2.astype(jnp.float32), 0)
+    return dx, dw.astype(w.dtype), db.astype(b.dtype)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
 def dense(p: Params, x: jax.Array) -> jax.Array:
     """x @ w + b in x's dtype. w is (in, out): the layout of GPT-2's Conv1D."""
-    return _matmul(x, p["w"].astype(x.dtype)) + p["b"].astype(x.dtype)
+    return _affine(x, p["w"], p["b"])
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -209,40 +236,80 @@ def _softmax_attention(q, k, v, mask, scale, rate, rng):
     return jnp.einsum("BHTS,BSHK->BTHK", probs, v)
 
 
-@jax.custom_vjp
-def _causal_attention(q, k, v, scale):
-    """softmax(q k^T * scale, causal) v for q, k, v (B, T, H, K), with a hand-written
-    backward: dS = P * (dP - rowsum(dO * O)) needs no reduction over the T x T scores,
-    where differentiating the softmax does (measured: 5% of a CPU training step).
-    Inside, q, k, v are moved to (B, H, T, K) once, so each of the six products is a
-    plain batched matmul (3-8% less per CPU step than einsums over (B, T, H, K))."""
-    return _causal_attention_fwd(q, k, v, scale)[0]
+# Attention's products run over Z = B H heads as 3-D batched matmuls, with every
+# operand in the row-major layout XLA's CPU matmul kernels (YNNPACK) take. A transposed
+# operand, left to XLA, is folded into the product, which then falls back to a slower
+# kernel (in bfloat16: converted to float32 first); so the backward pass transposes q
+# and dO into (Z, K, T) copies itself and forms dK^T and dV^T. A transpose followed by a
+# reshape that merges B and H cannot be folded away (they are not adjacent before it).
 
 
-def _heads_first(x):  # (B, T, H, K) <-> (B, H, T, K)
-    return jnp.swapaxes(x, 1, 2)
+def _by_head(x):  # (B, T, H, K) -> (B H, T, K)
+    B, T, H, K = x.shape
+    return jnp.swapaxes(x, 1, 2).reshape(B * H, T, K)
 
 
-def _causal_attention_fwd(q, k, v, scale):
-    T = q.shape[1]
-    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
-    s = jnp.einsum("BHTK,BHSK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+def _by_head_t(x):  # (B, T, H, K) -> (B H, K, T)
+    B, T, H, K = x.shape
+    return jnp.transpose(x, (0, 2, 3, 1)).reshape(B * H, K, T)
+
+
+def _scaled(x, scale):  # x * scale rounded once to x's dtype, whatever scale's type
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def _from_head(x, B):  # (B H, T, K) -> (B, T, H, K)
+    Z, T, K = x.shape
+    return jnp.swapaxes(x.reshape(B, Z // B, T, K), 1, 2)
+
+
+def _from_head_t(x, B):  # (B H, K, T) -> (B, T, H, K)
+    Z, K, T = x.shape
+    return jnp.transpose(x.reshape(B, Z // B, K, T), (0, 3, 1, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _causal_attention(qkv, scale):
+    """softmax(q k^T * scale, causal) v for qkv (B, T, 3, H, K) -> (B, T, H, K), with a
+    hand-written backward: dS = P * (dP - rowsum(dO * O)) needs no reduction over the
+    T x T scores, where differentiating the softmax does (measured: 5% of a CPU step).
+    The scale is applied to q (and to dQ), not to the T x T scores."""
+    return _causal_attention_fwd(qkv, scale)[0]
+
+
+def _causal_attention_fwd(qkv, scale):
+    B, T = qkv.shape[:2]
+    q = _by_head(_scaled(qkv[:, :, 0], scale))
+    k, v = _by_head(qkv[:, :, 1]), _by_head(qkv[:, :, 2])
+    s = jnp.einsum("ZTK,ZSK->ZTS", q, k, preferred_element_type=jnp.float32)
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
-    o = _product("BHTS,BHSK->BHTK", p.astype(v.dtype), v)
-    return _heads_first(o), (q, k, v, o, p, scale)
+    o = _product("ZTS,ZSK->ZTK", p.astype(v.dtype), v)
+    return _from_head(o, B), (qkv, o, p)
 
 
-def _causal_attention_bwd(saved, do):
-    q, k, v, o, p, scale = saved  # (B, H, T, K) and p (B, H, T, S)
-    do = _heads_first(do)
-    dv = _product("BHTS,BHTK->BHSK", p.astype(do.dtype), do)
-    dp = jnp.einsum("BHTK,BHSK->BHTS", do, v, preferred_element_type=jnp.float32)
-    delta = jnp.einsum("BHTK,BHTK->BHT", do.astype(jnp.float32), o.astype(jnp.float32))
-    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-    dq = _product("BHTS,BHSK->BHTK", ds, k)
-    dk = _product("BHTS,BHTK->BHSK", ds, q)
-    return _heads_first(dq), _heads_first(dk), _heads_first(dv), None
+def _causal_attention_bwd(scale, saved, do):
+    qkv, o, p = saved  # o (Z, T, K), p (Z, T, S) float32
+    B = qkv.shape[0]
+    k, v = _by_head(qkv[:, :, 1]), _by_head(qkv[:, :, 2])
+    do_z = _by_head(do)
+    dp = jnp.einsum("ZTK,ZSK->ZTS", do_z, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("ZTK,ZTK->ZT", do_z.astype(jnp.float32), o.astype(jnp.float32))
+    ds = (p * (dp - delta[..., None])).astype(qkv.dtype)  # dS / scale
+    dq = _scaled(_product("ZTS,ZSK->ZTK", ds, k), scale)
+    pc = p.astype(do.dtype)
+    if _f32_accumulate(qkv.dtype):
+        # dK^T = q^T dS and dV^T = dO^T P from (Z, K, T) copies (see above).
+        q_t = _by_head_t(_scaled(qkv[:, :, 0], scale))
+        dk = _from_head_t(_product("ZKT,ZTS->ZKS", q_t, ds), B)
+        dv = _from_head_t(_product("ZKT,ZTS->ZKS", _by_head_t(do), pc), B)
+    else:
+        # In float32, XLA's CPU backend runs these with the transposes folded in about as
+        # fast, and the float32 copies would cost more than they save.
+        q = _by_head(_scaled(qkv[:, :, 0], scale))
+        dk = _from_head(jnp.einsum("ZTS,ZTK->ZSK", ds, q), B)
+        dv = _from_head(jnp.einsum("ZTS,ZTK->ZSK", pc, do_z), B)
+    return (jnp.stack([_from_head(dq, B), dk, dv], axis=2),)
 
 
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
@@ -342,7 +409,7 @@ def attention(
                 mask = mask & key_mask[:, None, None, :]
             y = _softmax_attention(q, k, v, mask, scale, attn_rate, attn_rng)
         elif impl == "xla" and key_mask is None and (band is None or band >= T):
-            y = _causal_attention(q, k, v, scale)
+            y = _causal_attention(qkv, scale)
         else:
             kwargs = {}
             if band is not None and band < T:

@@ -116,7 +116,8 @@ def _avals(jaxpr):
 def test_banded_attention_does_not_materialise_t_by_t():
     """At T=1024, band=64 the largest array of the banded layer, forward and backward, is
     H * T * 2 * band scores (blocks of band queries against 2 * band keys), 1/8 of the
-    H * T * T that dense attention builds; compiled scratch memory shrinks alike."""
+    H * T * T that dense attention builds; compiled scratch memory stays under the size of
+    one float32 H x T x T score array, which dense attention holds (twice, forward)."""
     T, band = 1024, 64
     cfg = CFG.replace(n_ctx=T, attention_band=band)
     p = _attn_params(cfg)
@@ -139,7 +140,8 @@ def test_banded_attention_does_not_materialise_t_by_t():
         assert largest[True, name] <= cfg.n_head * T * 2 * band
         assert largest[False, name] >= cfg.n_head * T * T  # the contrast: dense is T x T
         if scratch[True, name] is not None:
-            assert scratch[True, name] < scratch[False, name] / 4
+            tt_bytes = cfg.n_head * T * T * 4
+            assert scratch[True, name] < tt_bytes <= scratch[False, name]
 
 
 def test_banded_model_trains():
