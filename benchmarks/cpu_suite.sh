@@ -3,15 +3,18 @@
 #
 #   bash benchmarks/cpu_suite.sh [STAGE...]        # from the repository root
 #
-# Stages (default: all; about 7 minutes on 2 cores). Every gptjax figure is train.py's
-# float32 step for the preset's recipe; the reference is HF GPT2LMHeadModel, eager float32,
-# AdamW, the same thread count, timed in rounds alternating with gptjax in one process.
+# Stages (default: all; about 10 minutes on 2 cores). Every gptjax figure is train.py's
+# step for the preset's recipe, float32 unless the stage says otherwise; the reference is
+# HF GPT2LMHeadModel, eager float32 (or bf16 autocast where said), AdamW, the same thread
+# count, timed in rounds alternating with gptjax in one process.
 #
 #   char      the character-level recipe (4 x 128, context 64, batch 12): vs the
 #             reference, and with scanned layers instead of the preset's unrolled ones
 #   6x384     6 layers x 384, context 256, batch 12 (the cpu-6x384 recipe): the same two
 #   small     train.py's default (cpu-small: 4 x 192, BPE 4096, context 128, batch 16)
-#   bf16      6x384 in bfloat16 (float32 accumulation) vs the reference under bf16 autocast
+#   bf16      6x384 in bfloat16 (float32 accumulation, float32 master weights): vs the
+#             reference under bf16 autocast, and vs the float32 reference; char likewise
+#             against the float32 reference
 #   compile   trace + compile time of the 12-layer gpt2 training step (batch 8 x 1024),
 #             scanned (the preset's default) and unrolled
 #
@@ -41,7 +44,11 @@ for stage in "${STAGES[@]}"; do
                 --steps 10 ;;
         bf16)
             run_bench 6x384_bf16 600 --preset cpu-6x384 --batch-size 12 --dtype bfloat16 \
-                --reference --ref-bf16 --rounds 2 --steps 5 --warmup 2 ;;
+                --reference --ref-bf16 --rounds 3 --steps 5 --warmup 2
+            run_bench 6x384_bf16_vs_f32 600 --preset cpu-6x384 --batch-size 12 \
+                --dtype bfloat16 --reference --no-ref-bf16 --rounds 3 --steps 5 --warmup 2
+            run_bench char_bf16_vs_f32 300 --preset char --batch-size 12 --dtype bfloat16 \
+                --reference --no-ref-bf16 --rounds 5 ;;
         compile)
             run_bench gpt2_compile 300 --preset gpt2 --batch-size 8 --compile-only
             run_bench gpt2_compile_unrolled 300 --preset gpt2 --batch-size 8 --no-scan \

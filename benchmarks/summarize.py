@@ -5,8 +5,9 @@
 Moves every OUT_DIR/runs/NAME.json (one `python -m gptjax.bench --json` result each)
 into OUT_DIR/suite.json under the key NAME (runs kept there from earlier calls stay),
 then prints one line per run: model settings, gptjax's step time, tokens/s, MFU
-(causal formula), compile time and peak memory, and the PyTorch reference's step time
-and gptjax's speed-up where the run had one. Used by cpu_suite.sh and gpu_suite.sh.
+(causal formula), compile time and peak memory, and the PyTorch reference's step time,
+precision (fp32, or bf16 under autocast) and gptjax's speed-up where the run had one.
+Used by cpu_suite.sh and gpu_suite.sh.
 """
 
 import json
@@ -27,7 +28,8 @@ def row(name: str, r: dict) -> str:
             f"{peak:8.2f}")
     if "pytorch" in r:
         p = r["pytorch"]
-        line += f"  {p['step_ms']['median']:9.2f} ms {r['speedup']:5.2f}x"
+        precision = "bf16" if p.get("autocast") else "fp32"
+        line += f"  {p['step_ms']['median']:9.2f} ms {precision} {r['speedup']:5.2f}x"
     return line
 
 
@@ -41,7 +43,7 @@ def main(out_dir: str) -> int:
     merged_path.write_text(json.dumps(merged, indent=1))
     print(f"{'run':18s} {'preset':10s} {'batch':>5s} {'ctx':>5s} {'dtype':8s} {'lyrs':4s} "
           f"{'step ms':>9s} {'tok/s':>9s} {'MFU':>7s} {'compile':>8s} {'mem GiB':>8s}  "
-          f"{'pytorch':>12s} speed-up")
+          f"{'pytorch':>17s} speed-up")
     for name, r in merged.items():
         print(row(name, r))
     return 0

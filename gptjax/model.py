@@ -268,6 +268,25 @@ def _from_head_t(x, B):  # (B H, K, T) -> (B, T, H, K)
     return jnp.transpose(x.reshape(B, Z // B, K, T), (0, 3, 1, 2))
 
 
+# Causal attention walks the queries in up to QUERY_BLOCKS blocks of at least
+# MIN_QUERY_BLOCK rows: block [lo, hi) needs the keys before hi only, so the products skip
+# the upper-right blocks that the causal mask would discard (n blocks do (n + 1) / 2n of
+# the T x T work). Each block holds its rows' whole key range, so its softmax is exact,
+# with no running maximum to carry. Measured on the CPU (2 cores), 4 blocks against 1:
+# cpu-6x384 bfloat16 1244 -> 1076 ms per step, float32 unchanged; cpu-small (2 blocks)
+# float32 340 -> 314 ms.
+QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 64
+
+
+def _query_blocks(T: int) -> list[tuple[int, int]]:
+    n = QUERY_BLOCKS
+    while n > 1 and (T % n or T // n < MIN_QUERY_BLOCK):
+        n //= 2
+    size = T // n
+    return [(lo, lo + size) for lo in range(0, T, size)]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _causal_attention(qkv, scale):
     """softmax(q k^T * scale, causal) v for qkv (B, T, 3, H, K) -> (B, T, H, K), with a
@@ -281,34 +300,51 @@ def _causal_attention_fwd(qkv, scale):
     B, T = qkv.shape[:2]
     q = _by_head(_scaled(qkv[:, :, 0], scale))
     k, v = _by_head(qkv[:, :, 1]), _by_head(qkv[:, :, 2])
-    s = jnp.einsum("ZTK,ZSK->ZTS", q, k, preferred_element_type=jnp.float32)
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, MASK_VALUE)
-    p = jax.nn.softmax(s, axis=-1)
-    o = _product("ZTS,ZSK->ZTK", p.astype(v.dtype), v)
-    return _from_head(o, B), (qkv, o, p)
+    outs, probs = [], []
+    for lo, hi in _query_blocks(T):
+        s = jnp.einsum("ZTK,ZSK->ZTS", q[:, lo:hi], k[:, :hi],
+                       preferred_element_type=jnp.float32)
+        causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
+        p = jax.nn.softmax(jnp.where(causal, s, MASK_VALUE), axis=-1)
+        outs.append(_product("ZTS,ZSK->ZTK", p.astype(v.dtype), v[:, :hi]))
+        probs.append(p)
+    o = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return _from_head(o, B), (qkv, o, tuple(probs))
 
 
 def _causal_attention_bwd(scale, saved, do):
-    qkv, o, p = saved  # o (Z, T, K), p (Z, T, S) float32
-    B = qkv.shape[0]
+    qkv, o, probs = saved  # o (Z, T, K); probs: per query block (Z, hi - lo, hi) float32
+    B, T = qkv.shape[:2]
+    f32 = jnp.float32
     k, v = _by_head(qkv[:, :, 1]), _by_head(qkv[:, :, 2])
     do_z = _by_head(do)
-    dp = jnp.einsum("ZTK,ZSK->ZTS", do_z, v, preferred_element_type=jnp.float32)
-    delta = jnp.einsum("ZTK,ZTK->ZT", do_z.astype(jnp.float32), o.astype(jnp.float32))
-    ds = (p * (dp - delta[..., None])).astype(qkv.dtype)  # dS / scale
-    dq = _scaled(_product("ZTS,ZSK->ZTK", ds, k), scale)
-    pc = p.astype(do.dtype)
-    if _f32_accumulate(qkv.dtype):
-        # dK^T = q^T dS and dV^T = dO^T P from (Z, K, T) copies (see above).
-        q_t = _by_head_t(_scaled(qkv[:, :, 0], scale))
-        dk = _from_head_t(_product("ZKT,ZTS->ZKS", q_t, ds), B)
-        dv = _from_head_t(_product("ZKT,ZTS->ZKS", _by_head_t(do), pc), B)
+    delta = jnp.einsum("ZTK,ZTK->ZT", do_z.astype(f32), o.astype(f32))
+    # dK^T = q^T dS and dV^T = dO^T P. In bfloat16 on the CPU these come from (Z, K, T)
+    # copies (see above); in float32 XLA's CPU backend runs them with the transposes
+    # folded in about as fast, and float32 copies would cost more than they save.
+    transposed = _f32_accumulate(qkv.dtype)
+    if transposed:
+        q_t, do_t = _by_head_t(_scaled(qkv[:, :, 0], scale)), _by_head_t(do)
     else:
-        # In float32, XLA's CPU backend runs these with the transposes folded in about as
-        # fast, and the float32 copies would cost more than they save.
         q = _by_head(_scaled(qkv[:, :, 0], scale))
-        dk = _from_head(jnp.einsum("ZTS,ZTK->ZSK", ds, q), B)
-        dv = _from_head(jnp.einsum("ZTS,ZTK->ZSK", pc, do_z), B)
+    dqs, dk, dv = [], 0.0, 0.0
+    for (lo, hi), p in zip(_query_blocks(T), probs):
+        dp = jnp.einsum("ZTK,ZSK->ZTS", do_z[:, lo:hi], v[:, :hi], preferred_element_type=f32)
+        ds = (p * (dp - delta[:, lo:hi, None])).astype(qkv.dtype)  # dS / scale
+        pc = p.astype(do.dtype)
+        dqs.append(_product("ZTS,ZSK->ZTK", ds, k[:, :hi]))
+        if transposed:  # (Z, K, hi) partial sums over this block's queries
+            pad = ((0, 0), (0, 0), (0, T - hi))
+            dk_b = jnp.einsum("ZKT,ZTS->ZKS", q_t[:, :, lo:hi], ds, preferred_element_type=f32)
+            dv_b = jnp.einsum("ZKT,ZTS->ZKS", do_t[:, :, lo:hi], pc, preferred_element_type=f32)
+        else:  # (Z, hi, K)
+            pad = ((0, 0), (0, T - hi), (0, 0))
+            dk_b = jnp.einsum("ZTS,ZTK->ZSK", ds, q[:, lo:hi], preferred_element_type=f32)
+            dv_b = jnp.einsum("ZTS,ZTK->ZSK", pc, do_z[:, lo:hi], preferred_element_type=f32)
+        dk, dv = dk + jnp.pad(dk_b, pad), dv + jnp.pad(dv_b, pad)
+    dq = _scaled(jnp.concatenate(dqs, axis=1) if len(dqs) > 1 else dqs[0], scale)
+    back = _from_head_t if transposed else _from_head
+    dk, dv = back(dk.astype(qkv.dtype), B), back(dv.astype(qkv.dtype), B)
     return (jnp.stack([_from_head(dq, B), dk, dv], axis=2),)
 
 

@@ -100,3 +100,11 @@ def test_suite_summary_gathers_runs(tmp_path, capsys):
     assert rows["first"][5] == "scan" and rows["second"][5] == "loop"
     median = suite["second"]["gptjax"]["step_ms"]["median"]
     assert float(rows["second"][6]) == pytest.approx(median, abs=0.01)
+    # A run with a reference gets its step time, precision and the speed-up.
+    with_ref = dict(suite["first"], pytorch={"step_ms": {"median": 3.0}, "autocast": "bfloat16"},
+                    speedup=1.25)
+    (runs / "third.json").write_text(json.dumps(with_ref))
+    capsys.readouterr()
+    assert summarize.main(str(tmp_path)) == 0
+    third = [line.split() for line in capsys.readouterr().out.splitlines()][-1]
+    assert third[0] == "third" and third[-4:] == ["3.00", "ms", "bf16", "1.25x"]

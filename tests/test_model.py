@@ -267,10 +267,14 @@ def test_dense_gradient_equals_autodiff_of_the_formula(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_causal_attention_gradient_equals_autodiff_of_the_formula(dtype):
-    """The causal kernel's forward and hand-written backward (in bfloat16 on the CPU: dK
-    and dV from transposed copies) against JAX's derivative of softmax attention."""
-    B, T, H, K = 3, 7, 2, 8
+@pytest.mark.parametrize("T", [7, 12, 16])  # 1, 2 and 4 query blocks of >= 4 rows
+def test_causal_attention_gradient_equals_autodiff_of_the_formula(monkeypatch, dtype, T):
+    """The causal kernel's forward and hand-written backward (by query blocks; in bfloat16
+    on the CPU dK and dV from transposed copies) against JAX's derivative of softmax
+    attention over the whole T x T."""
+    monkeypatch.setattr(M, "MIN_QUERY_BLOCK", 4)
+    assert len(M._query_blocks(T)) == {7: 1, 12: 2, 16: 4}[T]
+    B, H, K = 3, 2, 8
     k = jax.random.split(jax.random.PRNGKey(0), 2)
     qkv = jax.random.normal(k[0], (B, T, 3, H, K)).astype(dtype)
     r = jax.random.normal(k[1], (B, T, H, K))
