@@ -125,8 +125,7 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def _product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum in a's dtype. XLA's CPU backend has bfloat16 kernels only for products that
-    accumulate into float32 (twice the float32 rate on AVX512-BF16), so ask for that there."""
+    """einsum in a's dtype, accumulated in float32 where _f32_accumulate says so."""
     if not _f32_accumulate(a.dtype):
         return jnp.einsum(spec, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
@@ -236,12 +235,12 @@ def _softmax_attention(q, k, v, mask, scale, rate, rng):
     return jnp.einsum("BHTS,BSHK->BTHK", probs, v)
 
 
-# Attention's products run over Z = B H heads as 3-D batched matmuls, with every
-# operand in the row-major layout XLA's CPU matmul kernels (YNNPACK) take. A transposed
-# operand, left to XLA, is folded into the product, which then falls back to a slower
-# kernel (in bfloat16: converted to float32 first); so the backward pass transposes q
-# and dO into (Z, K, T) copies itself and forms dK^T and dV^T. A transpose followed by a
-# reshape that merges B and H cannot be folded away (they are not adjacent before it).
+# Attention's products run over Z = B H heads as 3-D batched matmuls. XLA's CPU matmul
+# kernels (YNNPACK) take row-major operands only; XLA folds a transposed operand into the
+# product, which then falls back to a slower kernel (in bfloat16: converted to float32
+# first). So in bfloat16 on the CPU the backward pass transposes q and dO into (Z, K, T)
+# copies itself and forms dK^T and dV^T: a transpose followed by a reshape that merges B
+# and H cannot be folded away (they are not adjacent before it).
 
 
 def _by_head(x):  # (B, T, H, K) -> (B H, T, K)
