@@ -336,7 +336,7 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
                    loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn, meta=meta,
                    resume=resume, check_keys=CHECK_KEYS, tokens_per_step=tokens_per_step,
                    flops_per_step=flops_per_token(cfg) * tokens_per_step,
-                   show_progress=not quiet)
+                   compute_dtype=cfg.dtype, show_progress=not quiet)
     if not par.is_primary():
         return result
     plot_losses(run_dir)

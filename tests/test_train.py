@@ -237,6 +237,17 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg) == 6 * matmul + 6 * 2 * 8 * 16
 
 
+
+def test_cpu_peak_is_measured_in_the_compute_dtype(monkeypatch):
+    """The MFU logged on CPU divides by a matmul rate measured in the model's compute dtype
+    (bfloat16 products accumulate in float32), one measurement per dtype."""
+    from gptjax import trainer
+
+    monkeypatch.setattr(trainer, "_MEASURED", {})
+    rates = {d: trainer.device_peak_flops(dtype=d) for d in ("float32", "bfloat16")}
+    assert all(r > 0 for r in rates.values()) and sorted(trainer._MEASURED) == sorted(rates)
+    assert trainer.device_peak_flops(dtype="bfloat16") == rates["bfloat16"]  # cached
+
 PMAP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
