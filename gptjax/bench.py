@@ -51,7 +51,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import PRESETS, GPTConfig
@@ -120,36 +119,17 @@ def step_flops(cfg: GPTConfig, tokens: int) -> dict[str, float]:
     return {"causal": causal * tokens, "palm": palm * tokens}
 
 
-_PEAK: dict[str, tuple[float, str]] = {}
-
-
 def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     """(FLOP/s, where the figure comes from) for the first local device: the data sheet's
     dense bf16 peak, or (CPU) the best rate of a jitted 1024^3 matmul in `dtype` (16-bit
-    operands with float32 accumulation, the model's own products)."""
-    if dtype in _PEAK:
-        return _PEAK[dtype]
-    from gptjax.trainer import _PEAK_FLOPS
+    operands with float32 accumulation, the model's own products), as train.py uses."""
+    from gptjax.trainer import MATMUL_PEAK_N, datasheet_peak_flops, measured_matmul_flops
 
-    device = jax.local_devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for name, peak in _PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            _PEAK[dtype] = (peak, f"data sheet, dense bf16, {kind}")
-            return _PEAK[dtype]
-    n = 1024
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(4):
-            out = matmul(a)
-        out.block_until_ready()
-        best = min(best, (time.perf_counter() - start) / 4)
-    _PEAK[dtype] = (2 * n**3 / best, f"measured: jitted {n}^3 {dtype} matmul, best of 5")
-    return _PEAK[dtype]
+    peak = datasheet_peak_flops()
+    if peak:
+        return peak, f"data sheet, dense bf16, {jax.local_devices()[0].device_kind}"
+    n = MATMUL_PEAK_N
+    return measured_matmul_flops(dtype), f"measured: jitted {n}^3 {dtype} matmul, best of 5"
 
 
 def _summary(times_s: Sequence[float]) -> dict[str, float]:
