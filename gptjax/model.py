@@ -146,13 +146,10 @@ def _affine(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _affine_fwd(x, w, b):
-    wc = w.astype(x.dtype)
-    if _f32_accumulate(x.dtype):  # add the bias before rounding to x's dtype
-        y = jnp.einsum("...D,DF->...F", x, wc, preferred_element_type=jnp.float32)
-        y = (y + b.astype(jnp.float32)).astype(x.dtype)
-    else:
-        y = jnp.einsum("...D,DF->...F", x, wc) + b.astype(x.dtype)
-    return y, (x, w, b)
+    # With a float32 accumulator the bias is added before rounding to x's dtype.
+    acc = jnp.float32 if _f32_accumulate(x.dtype) else None
+    y = jnp.einsum("...D,DF->...F", x, w.astype(x.dtype), preferred_element_type=acc)
+    return (y + b.astype(y.dtype)).astype(x.dtype), (x, w, b)
 
 
 def _affine_bwd(saved, g):
