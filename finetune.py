@@ -7,7 +7,7 @@ prints a metrics table. The work is done by gptjax.finetune.
 
 import sys
 
-from gptjax.finetune import main
+from gptjax.finetune.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ folder. The work is done by gptjax.pretrain.
 
 import sys
 
-from gptjax.pretrain import main
+from gptjax.train.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,8 +55,8 @@ import numpy as np
 
 from gptjax.config import PRESETS, GPTConfig
 from gptjax.model import count_params, init_params, lm_loss
-from gptjax.optim import OptimConfig, make_optimizer, make_schedule
-from gptjax.trainer import (
+from gptjax.train.optim import OptimConfig, make_optimizer, make_schedule
+from gptjax.train.loop import (
     LoopConfig,
     Parallel,
     flops_per_token,
@@ -87,7 +87,7 @@ def bench_config(
 ) -> GPTConfig:
     """The model train.py builds for this preset (the preset, then its recipe's model
     fields), with the benchmark's overrides (None keeps that value)."""
-    from gptjax.pretrain import RECIPES
+    from gptjax.train.pretrain import RECIPES
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -105,7 +105,7 @@ def bench_config(
 
 def recipe_optim(preset: str) -> tuple[OptimConfig, int]:
     """The optimizer settings and step count train.py's recipe gives this preset."""
-    from gptjax.pretrain import RECIPES
+    from gptjax.train.pretrain import RECIPES
 
     recipe = RECIPES.get(preset, {})
     fields = {f.name for f in dataclasses.fields(OptimConfig)}
@@ -123,7 +123,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     """(FLOP/s, where the figure comes from) for the first local device: the data sheet's
     dense bf16 peak, or (CPU) the best rate of a jitted 1024^3 matmul in `dtype` (16-bit
     operands with float32 accumulation, the model's own products), as train.py uses."""
-    from gptjax.trainer import MATMUL_PEAK_N, datasheet_peak_flops, measured_matmul_flops
+    from gptjax.train.loop import MATMUL_PEAK_N, datasheet_peak_flops, measured_matmul_flops
 
     peak = datasheet_peak_flops()
     if peak:

@@ -15,6 +15,7 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 NORMS = ("post", "pre")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+KERNELS = ("reference", "fast", "auto")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,13 @@ class GPTConfig:
     norm: str = "pre"
     # Compute dtype of activations and matmuls; parameters stay float32.
     dtype: str = "float32"
-    # Attention kernel: "auto" picks cudnn on NVIDIA GPUs in 16-bit, else xla.
+    # Which implementation runs the model's pieces: "reference" is model.py's plain
+    # formulas (every JAX transformation composes with them); "fast" swaps in each fast
+    # path of gptjax.kernels; "auto" takes, per backend, the fast paths measured faster
+    # there (the README's Speed section) and the reference elsewhere.
+    kernels: str = "reference"
+    # Implementation of jax.nn.dot_product_attention where a fast attention path uses it:
+    # "auto" picks cudnn on NVIDIA GPUs in 16-bit, else xla.
     attention: str = "auto"
     # Run the layer stack as lax.scan over stacked layers (one compiled block,
     # fast compiles for deep models) instead of an unrolled Python loop.
@@ -90,6 +97,7 @@ class GPTConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
+        _check_choice("kernels", self.kernels, KERNELS)
         for name in ("scan_layers", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} must be a bool")
@@ -162,6 +170,16 @@ def _coerce(key, value, annotation, where):
             raise ValueError(f"{where}: field {key!r}={value!r} must be a string")
         return value
     return value
+
+
+# The enumerated settings and their choices (validation and the command line's help).
+CHOICES = {
+    "activation": ACTIVATIONS,
+    "norm": NORMS,
+    "dtype": DTYPES,
+    "kernels": KERNELS,
+    "attention": ATTENTION_IMPLS,
+}
 
 
 def _check_positive_int(name, value):

@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import task_data
+from gptjax.finetune import readers as task_data
 from gptjax.config import GPTConfig
-from gptjax.metrics import matthews
+from gptjax.finetune.metrics import matthews
 from gptjax.model import Params, forward, logits
-from gptjax.sample import load_model, start_token
-from gptjax.tasks import Example
+from gptjax.cli.sample import load_model, start_token
+from gptjax.finetune.transforms import Example
 
 TASKS = ("perplexity", "lambada", "storycloze", "race", "jsonl", "cola", "sst2")
 
@@ -424,7 +424,7 @@ JSONL_COLUMNS = {"context": "context", "choices": "choices", "label": "label"}
 
 
 def read_task(task: str, path: str | Path) -> list[Example]:
-    """The examples of a task file, by the project's readers (gptjax.task_data):
+    """The examples of a task file, by the project's readers (gptjax.finetune.readers):
     storycloze CSV, race JSON (file or folder), GLUE cola / sst2 TSV, JSON-lines multiple
     choice with "context", "choices" (a list) and "label" (the right choice's index), and
     LAMBADA passages."""
@@ -450,7 +450,7 @@ def read_tokens(path: str | Path, *, split: str = "val", dtype: str = "uint16"):
     """
     path = Path(path)
     if path.is_dir():
-        from gptjax.data import load_token_data
+        from gptjax.data.corpus import load_token_data
 
         data = load_token_data(path)
         if split not in ("train", "val"):
@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gptjax.cli import main_wrapper
+    from gptjax.cli.settings import main_wrapper
 
     return main_wrapper(_main, argv)
 

@@ -11,7 +11,7 @@ import pytest
 
 from gptjax import bench
 from gptjax.config import PRESETS
-from gptjax.trainer import flops_per_token
+from gptjax.train.loop import flops_per_token
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--n-ctx", "16", "--steps", "2", "--rounds",
         "2", "--warmup", "1"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptjax import data
-from gptjax.data import (
+from gptjax.data import corpus as data
+from gptjax.data.corpus import (
     builtin_corpus,
     eval_batches,
     load_texts,
@@ -22,7 +22,7 @@ from gptjax.data import (
     text_fingerprint,
     train_batch,
 )
-from gptjax.tokenizer import ByteTokenizer, CharTokenizer
+from gptjax.data.tokenizer import ByteTokenizer, CharTokenizer
 
 HAS_DATASETS = importlib.util.find_spec("datasets") is not None
 

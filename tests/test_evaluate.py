@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from gptjax import evaluate as E
-from gptjax import hf, sample
-from gptjax.checkpoint import CHECKPOINT_DIR, RUN_CONFIG, TOKENIZER_DIR, Checkpointer
+from gptjax import hf
+from gptjax.cli import sample
+from gptjax.train.checkpoint import CHECKPOINT_DIR, RUN_CONFIG, TOKENIZER_DIR, Checkpointer
 from gptjax.config import GPTConfig
 from gptjax.model import forward, init_params, lm_loss, logits
-from gptjax.tasks import Example
-from gptjax.tokenizer import ByteTokenizer
+from gptjax.finetune.transforms import Example
+from gptjax.data.tokenizer import ByteTokenizer
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

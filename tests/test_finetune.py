@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR, Checkpointer
+from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, Checkpointer
 from gptjax.config import GPTConfig
-from gptjax.finetune import (
+from gptjax.finetune.run import (
     TaskConfig,
     build_parser,
     format_table,
@@ -25,8 +25,8 @@ from gptjax.finetune import (
     run,
 )
 from gptjax.model import init_params
-from gptjax.tokenizer import ByteTokenizer
-from gptjax.trainer import train
+from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.train.loop import train
 
 TINY = GPTConfig(vocab_size=261, n_ctx=48, n_layer=1, n_head=2, n_embd=32,
                  embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -93,7 +93,7 @@ def test_glue_sst2_end_to_end(sst2_run):
     assert saved["model"]["vocab_size"] == 261 and saved["task"]["task"] == "sst2"
     assert (out / "best" / "params.safetensors").is_file()
     # the run folder loads like any other (fine-tuned params = gpt + head)
-    from gptjax.checkpoint import load_run
+    from gptjax.train.checkpoint import load_run
 
     cfg, params, tok = load_run(out)
     assert set(params) == {"gpt", "head"} and tok.special_tokens["<extract>"] == 258
@@ -122,7 +122,7 @@ def test_generic_files_every_kind(tmp_path, pretrained, kind, header, rows, colu
 
 
 def test_batch_fn_is_pure_and_visits_each_example_once_per_epoch(pretrained, tmp_path):
-    from gptjax.tasks import Example, SpecialIds, encode_examples
+    from gptjax.finetune.transforms import Example, SpecialIds, encode_examples
 
     ex = [Example(str(i), label=i % 2) for i in range(10)]
     arrays = encode_examples("classification", ex, lambda t: [int(c) for c in t],
@@ -154,7 +154,7 @@ def test_resume_is_exact(tmp_path, pretrained, sst2_run):
 PARALLEL = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from gptjax.finetune import build_parser, resolve, run
+    from gptjax.finetune.run import build_parser, resolve, run
     base, pretrained, data = sys.argv[1:4]
     out = {"devices": jax.device_count()}
     for name, extra in (("one", ["--devices", "1", "--parallel", "jit"]),
@@ -291,7 +291,7 @@ def test_task_config_validation():
 
 @pytest.fixture(scope="module")
 def demo():
-    from gptjax import demo_tasks
+    from gptjax.finetune import demo_tasks
 
     return demo_tasks
 

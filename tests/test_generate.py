@@ -186,8 +186,8 @@ def test_prompt_exactly_filling_the_context(small_params):
 def test_stream_text_holds_back_split_characters(monkeypatch):
     """Byte-level tokens can split a character: no piece ends in half of one, the pieces
     join to the decoded text, and decoding stops at <eos>."""
-    from gptjax import sample
-    from gptjax.tokenizer import ByteTokenizer
+    from gptjax.cli import sample
+    from gptjax.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     new = list("añ€!".encode()) + [tok.token_id("<eos>"), 65]

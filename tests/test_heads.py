@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptjax.config import GPTConfig
-from gptjax.heads import (
+from gptjax.finetune.heads import (
     ClassificationHead,
     MultipleChoiceHead,
     SimilarityHead,
@@ -14,7 +14,7 @@ from gptjax.heads import (
     make_head,
     pool_at,
 )
-from gptjax.tasks import Example, SpecialIds, encode_examples, make_loss_fn
+from gptjax.finetune.transforms import Example, SpecialIds, encode_examples, make_loss_fn
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -67,7 +67,7 @@ def test_similarity_model_output_unchanged_when_a_and_b_swap():
     """End to end: the transformation plus the head give the same output for (A, B), (B, A)."""
     cfg = GPTConfig(vocab_size=40, n_ctx=16, n_layer=1, n_head=2, n_embd=16)
     from gptjax.model import init_params
-    from gptjax.tasks import make_predict_fn
+    from gptjax.finetune.transforms import make_predict_fn
 
     sp = SpecialIds(36, 37, 38, 39)
     enc = lambda s: [ord(c) - 97 for c in s]  # noqa: E731
@@ -197,7 +197,7 @@ def test_parity_with_hf_double_heads(gpt2):
         out = model(ids, mc_token_ids=mc_ids, labels=lm_labels, mc_labels=mc_labels)
 
     from gptjax.model import logits
-    from gptjax.tasks import apply_head, task_hidden
+    from gptjax.finetune.transforms import apply_head, task_hidden
 
     head = MultipleChoiceHead()
     h = task_hidden(params["gpt"], batch, cfg)

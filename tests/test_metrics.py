@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gptjax.metrics import accuracy, compute, f1, matthews, pearson, rank, spearman
+from gptjax.finetune.metrics import accuracy, compute, f1, matthews, pearson, rank, spearman
 
 
 def test_accuracy():

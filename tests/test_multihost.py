@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from gptjax import model as M
-from gptjax.optim import OptimConfig
-from gptjax.trainer import LoopConfig, train
+from gptjax.train.optim import OptimConfig
+from gptjax.train.loop import LoopConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_parallel as TP  # noqa: E402
@@ -34,8 +34,8 @@ WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
     run_dir, pid, port, mesh = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     opts = json.loads(sys.argv[5])
-    from gptjax import parallel as par
-    from gptjax.trainer import LoopConfig, exit_code, train
+    from gptjax.train import parallel as par
+    from gptjax.train.loop import LoopConfig, exit_code, train
     loop = LoopConfig(steps={steps}, batch_size=16, eval_every=0, log_every=1,
                       ckpt_every=opts.get("ckpt_every", 0), mesh=mesh,
                       coordinator_address="localhost:" + port, num_processes=2,
@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_parallel as TP, test_train as TT
     from gptjax import model as M
-    from gptjax.optim import OptimConfig
+    from gptjax.train.optim import OptimConfig
     cfg = TP.CFG
     index, count = par.process_batch_shard(loop)
     rows = []

@@ -15,10 +15,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptjax import model as M
-from gptjax import parallel as par
+from gptjax.train import parallel as par
 from gptjax.config import GPTConfig
-from gptjax.optim import OptimConfig, make_optimizer
-from gptjax.trainer import LoopConfig
+from gptjax.train.optim import OptimConfig, make_optimizer
+from gptjax.train.loop import LoopConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -110,10 +110,11 @@ MESH_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_parallel as TP
     import test_train as T
-    from gptjax import model as M, parallel as par
-    from gptjax.checkpoint import Checkpointer
-    from gptjax.optim import OptimConfig, make_optimizer
-    from gptjax.trainer import LoopConfig, Parallel, init_state, make_train_step, train
+    from gptjax import model as M
+    from gptjax.train import parallel as par
+    from gptjax.train.checkpoint import Checkpointer
+    from gptjax.train.optim import OptimConfig, make_optimizer
+    from gptjax.train.loop import LoopConfig, Parallel, init_state, make_train_step, train
     out_dir = sys.argv[1]
     cfg = TP.CFG
     optim = OptimConfig(lr=1e-2, warmup_steps=1)
@@ -278,7 +279,7 @@ def test_train_py_with_an_fsdp_mesh(fsdp_run):
 
 @pytest.mark.slow
 def test_load_run_of_a_mesh_run_on_one_device(fsdp_run):
-    from gptjax.checkpoint import load_run
+    from gptjax.train.checkpoint import load_run
 
     cfg, params, _ = load_run(fsdp_run[0])
     assert params["wte"].shape == (cfg.vocab_size, cfg.n_embd)

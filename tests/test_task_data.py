@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gptjax.task_data import (
+from gptjax.finetune.readers import (
     examples_from_hf_rows,
     generic_spec,
     get_spec,

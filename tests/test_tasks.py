@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from gptjax.config import GPTConfig
-from gptjax.heads import init_head, make_head
+from gptjax.finetune.heads import init_head, make_head
 from gptjax.model import init_params, token_nll
-from gptjax.tasks import (
+from gptjax.finetune.transforms import (
     Example,
     SpecialIds,
     add_task_tokens,
@@ -262,7 +262,7 @@ def test_task_loss_values_and_grad_reaches_both_parts():
 
 
 def test_regression_loss_is_mse():
-    from gptjax.tasks import task_loss
+    from gptjax.finetune.transforms import task_loss
 
     out = jnp.array([0.5, 2.0, 1.0])
     labels = jnp.array([1.0, 2.0, np.nan])

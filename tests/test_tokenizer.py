@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gptjax.tokenizer import (
+from gptjax.data.tokenizer import (
     SPECIAL_TOKENS,
     ByteTokenizer,
     CharTokenizer,

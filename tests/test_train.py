@@ -16,10 +16,10 @@ import optax
 import pytest
 
 from gptjax import model as M
-from gptjax.checkpoint import Checkpointer, CheckpointError
+from gptjax.train.checkpoint import Checkpointer, CheckpointError
 from gptjax.config import GPTConfig
-from gptjax.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
-from gptjax.trainer import (
+from gptjax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
+from gptjax.train.loop import (
     LoopConfig,
     TrainingDiverged,
     flops_per_token,
@@ -241,7 +241,7 @@ def test_flops_per_token_formula():
 def test_cpu_peak_is_measured_in_the_compute_dtype(monkeypatch):
     """The MFU logged on CPU divides by a matmul rate measured in the model's compute dtype
     (bfloat16 products accumulate in float32), one measurement per dtype."""
-    from gptjax import trainer
+    from gptjax.train import loop as trainer
 
     monkeypatch.setattr(trainer, "_MEASURED", {})
     rates = {d: trainer.device_peak_flops(dtype=d) for d in ("float32", "bfloat16")}
@@ -253,8 +253,8 @@ PMAP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import test_train as T
-    from gptjax.trainer import LoopConfig, train
-    from gptjax.optim import OptimConfig
+    from gptjax.train.loop import LoopConfig, train
+    from gptjax.train.optim import OptimConfig
     from gptjax import model as M
     cfg = T.CFG.replace(embd_pdrop=0.0, resid_pdrop=0.0)
     def loss(p, b, rng):
@@ -306,7 +306,7 @@ def test_batch_must_divide_by_devices(tmp_path):
 
 
 def test_keeps_the_last_k_and_the_best(tmp_path):
-    from gptjax.checkpoint import best_step
+    from gptjax.train.checkpoint import best_step
 
     val_losses = iter([3.0, 1.0, 2.0, 2.5, 2.7])  # best at step 4 of 2, 4, 6, 8, 10
 
@@ -326,7 +326,7 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
 CACHE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax, jax.numpy as jnp
-    from gptjax.trainer import use_compile_cache
+    from gptjax.train.loop import use_compile_cache
     used = use_compile_cache(sys.argv[1])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
@@ -353,7 +353,7 @@ def test_compile_cache_is_used_and_an_env_folder_wins(tmp_path, preset_env):
 
 
 def test_compile_cache_off_changes_nothing():
-    from gptjax.trainer import use_compile_cache
+    from gptjax.train.loop import use_compile_cache
 
     before = jax.config.jax_compilation_cache_dir
     assert use_compile_cache("") == before

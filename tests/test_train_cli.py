@@ -11,8 +11,8 @@ from pydoc_data.topics import topics
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import Checkpointer, load_run
-from gptjax.pretrain import main
+from gptjax.train.checkpoint import Checkpointer, load_run
+from gptjax.train.pretrain import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_out_of_range_token_in_token_file(corpus, tmp_path, capsys):
 
 
 def test_tokenizer_larger_than_the_embedding(corpus, tmp_path, capsys):
-    from gptjax.tokenizer import build_tokenizer
+    from gptjax.data.tokenizer import build_tokenizer
 
     tok_dir = tmp_path / "tok"
     build_tokenizer("bpe", [corpus.read_text()], 400).save(tok_dir)

@@ -1,8 +1,8 @@
-"""python -m gptjax.sample: stream text from a trained run or a Hugging Face folder.
+"""python -m gptjax.cli.sample: stream text from a trained run or a Hugging Face folder.
 
-    python -m gptjax.sample --run runs/char --prompt "The " --max-new-tokens 200 \\
+    python -m gptjax.cli.sample --run runs/char --prompt "The " --max-new-tokens 200 \\
         --temperature 0.8 --top-k 40 --seed 0
-    python -m gptjax.sample --run ./gpt2 --prompt "Hello" --top-p 0.9
+    python -m gptjax.cli.sample --run ./gpt2 --prompt "Hello" --top-p 0.9
 
 The text is written to stdout as the tokens are produced (the prompt first, then the
 continuation). The model-and-text core is `stream_text(cfg, params, tokenizer, prompt, ...)`,
@@ -42,11 +42,11 @@ def load_model(path: str | Path):
     config = folder / "config.json"
     if config.is_file() and "model_type" in json.loads(config.read_text(encoding="utf-8")):
         from gptjax.hf import load_pretrained
-        from gptjax.tokenizer import load_tokenizer
+        from gptjax.data.tokenizer import load_tokenizer
 
         cfg, params = load_pretrained(folder)
         return cfg, params, load_tokenizer(folder, add_missing_specials=False)
-    from gptjax.checkpoint import load_run
+    from gptjax.train.checkpoint import load_run
 
     cfg, params, tokenizer = load_run(folder)
     if "wte" not in params and "gpt" in params:
@@ -116,7 +116,7 @@ def stream_text(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptjax.sample",
+    p = argparse.ArgumentParser(prog="python -m gptjax.cli.sample",
                                 description="Stream a sample from a trained or HF model.")
     p.add_argument("--run", required=True,
                    help="a train.py run folder, or a Hugging Face gpt2/openai-gpt folder")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gptjax.cli import main_wrapper
+    from gptjax.cli.settings import main_wrapper
 
     return main_wrapper(_main, argv)
 

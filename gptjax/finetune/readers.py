@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptjax.tasks import Example, check_kind
+from gptjax.finetune.transforms import Example, check_kind
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gptjax.checkpoint import CheckpointError
+from gptjax.train.checkpoint import CheckpointError
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -156,7 +156,7 @@ def build(cls, values: dict, where: str):
 
 def main_wrapper(run: Callable[[Sequence[str] | None], int], argv=None) -> int:
     """Run a CLI: clean one-line errors for bad input (exit 2), no traceback."""
-    from gptjax.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged
+    from gptjax.train.loop import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-log = logging.getLogger("gptjax.checkpoint")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG = "config.json"
@@ -191,7 +191,7 @@ def load_run(run_dir: str | Path, *, which: str = "latest"):
     fine-tuning run, {"gpt": ..., "head": ...}).
     """
     from gptjax.config import GPTConfig
-    from gptjax.tokenizer import load_tokenizer
+    from gptjax.data.tokenizer import load_tokenizer
 
     if which not in ("latest", "best"):
         raise ValueError(f"which={which!r} must be 'latest' or 'best'")

@@ -25,11 +25,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gptjax import cli
-from gptjax import parallel as par
-from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
+from gptjax.cli import settings as cli
+from gptjax.train import parallel as par
+from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
 from gptjax.config import PRESETS, GPTConfig
-from gptjax.data import (
+from gptjax.data.corpus import (
     eval_batches,
     load_texts,
     prepare_tokens,
@@ -37,9 +37,9 @@ from gptjax.data import (
     train_batch,
 )
 from gptjax.model import count_params, init_params, lm_loss
-from gptjax.optim import OptimConfig, make_schedule
-from gptjax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from gptjax.trainer import (
+from gptjax.train.optim import OptimConfig, make_schedule
+from gptjax.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from gptjax.train.loop import (
     LoopConfig,
     TrainResult,
     exit_code,
@@ -50,7 +50,7 @@ from gptjax.trainer import (
     use_compile_cache,
 )
 
-log = logging.getLogger("gptjax.pretrain")
+log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "cpu-small"
 CHECK_KEYS = ("model", "tokenizer", "data")

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from gptjax.tokenizer import Tokenizer
+    from gptjax.data.tokenizer import Tokenizer
 
 __all__ = [
     "builtin_corpus",

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-log = logging.getLogger("gptjax.parallel")
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

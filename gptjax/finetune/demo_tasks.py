@@ -54,8 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptjax.task_data import TaskData, TaskSpec
-from gptjax.tasks import Example
+from gptjax.finetune.readers import TaskData, TaskSpec
+from gptjax.finetune.transforms import Example
 
 VAL_FRACTION = 0.05  # train.py's default --val-fraction
 MIN_DOC_CHARS = 40  # the built-in corpus's own cut-off
@@ -138,7 +138,7 @@ def _docstring_kinds() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def documents() -> tuple[Document, ...]:
     """The built-in corpus as Documents: kind from the ast walk, held-out flag by position."""
-    from gptjax.data import builtin_corpus
+    from gptjax.data.corpus import builtin_corpus
 
     corpus = builtin_corpus()
     kinds = _docstring_kinds()

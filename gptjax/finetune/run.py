@@ -45,14 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cli
-from gptjax.checkpoint import RUN_CONFIG, TOKENIZER_DIR
+from gptjax.cli import settings as cli
+from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR
 from gptjax.config import PRESETS, GPTConfig
-from gptjax.heads import init_head, make_head
-from gptjax.metrics import compute
+from gptjax.finetune.heads import init_head, make_head
+from gptjax.finetune.metrics import compute
 from gptjax.model import init_params
-from gptjax.optim import OptimConfig
-from gptjax.task_data import (
+from gptjax.train.optim import OptimConfig
+from gptjax.finetune.readers import (
     SPECS,
     TaskData,
     TaskSpec,
@@ -65,7 +65,7 @@ from gptjax.task_data import (
     submission_rows,
     tokenizable_texts,
 )
-from gptjax.tasks import (
+from gptjax.finetune.transforms import (
     LM_NORMALIZATIONS,
     SpecialIds,
     TaskArrays,
@@ -74,9 +74,9 @@ from gptjax.tasks import (
     make_loss_fn,
     make_predict_fn,
 )
-from gptjax.trainer import LoopConfig, exit_code, prepare_run_dir, train, use_compile_cache
+from gptjax.train.loop import LoopConfig, exit_code, prepare_run_dir, train, use_compile_cache
 
-log = logging.getLogger("gptjax.finetune")
+log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
 DEFAULT_INIT = "runs/cpu-small"  # where `python train.py` puts its run
@@ -219,10 +219,10 @@ def load_init(init: str, from_scratch: bool, preset: str, seed: int):
                 f"--init {path} does not exist; pre-train one with `python train.py` "
                 "(it writes runs/cpu-small), give a Hugging Face folder, or pass --from-scratch")
         if _is_run_dir(path):
-            from gptjax.checkpoint import load_run
+            from gptjax.train.checkpoint import load_run
 
             if from_scratch:
-                from gptjax.tokenizer import load_tokenizer
+                from gptjax.data.tokenizer import load_tokenizer
 
                 saved = json.loads((path / RUN_CONFIG).read_text())
                 cfg = GPTConfig.from_dict(saved["model"], where=str(path / RUN_CONFIG))
@@ -232,7 +232,7 @@ def load_init(init: str, from_scratch: bool, preset: str, seed: int):
                 params = params["gpt"]
             return cfg, params, tokenizer
         from gptjax import hf
-        from gptjax.tokenizer import load_tokenizer
+        from gptjax.data.tokenizer import load_tokenizer
 
         cfg, params = hf.load_pretrained(path)
         tokenizer = load_tokenizer(path, add_missing_specials=False)
@@ -242,8 +242,8 @@ def load_init(init: str, from_scratch: bool, preset: str, seed: int):
     if not from_scratch:
         raise ValueError("no model to fine-tune: give --init (a train.py run folder or a "
                          "Hugging Face folder) or --from-scratch")
-    from gptjax.data import builtin_corpus
-    from gptjax.tokenizer import build_tokenizer
+    from gptjax.data.corpus import builtin_corpus
+    from gptjax.data.tokenizer import build_tokenizer
 
     cfg = PRESETS[preset]
     tokenizer = build_tokenizer("bpe", builtin_corpus(), cfg.vocab_size)
@@ -255,7 +255,7 @@ def load_init(init: str, from_scratch: bool, preset: str, seed: int):
 
 def load_task_data(tc: TaskConfig) -> TaskData:
     """The task's train / validation (/ test) examples as configured."""
-    from gptjax.demo_tasks import DEMO_SPECS, KIND_TO_DEMO, demo_task
+    from gptjax.finetune.demo_tasks import DEMO_SPECS, KIND_TO_DEMO, demo_task
 
     name = tc.task
     if name in DEMO_SPECS or name.replace("-", "_") in KIND_TO_DEMO:
@@ -293,7 +293,7 @@ def load_task_data(tc: TaskConfig) -> TaskData:
 
 
 def _has_test(spec: TaskSpec, folder) -> bool:
-    from gptjax.task_data import glue_file
+    from gptjax.finetune.readers import glue_file
 
     try:
         return glue_file(spec.name, folder, "test").is_file()
@@ -567,7 +567,7 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
     run_dir = Path(settings.out_dir)
     seed = settings.loop.seed
     if resume:
-        from gptjax.tokenizer import load_tokenizer
+        from gptjax.data.tokenizer import load_tokenizer
 
         saved = json.loads((run_dir / RUN_CONFIG).read_text())
         cfg = GPTConfig.from_dict(saved["model"], where=str(run_dir / RUN_CONFIG))
@@ -682,7 +682,7 @@ def _score(values: dict, metric: str) -> float:
 def _chance(spec: TaskSpec, examples) -> float | None:
     if spec.regression or any(e.label is None for e in examples):
         return None
-    from gptjax.demo_tasks import chance_accuracy
+    from gptjax.finetune.demo_tasks import chance_accuracy
 
     return chance_accuracy(spec, examples)
 

@@ -36,11 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptjax import parallel as par
-from gptjax.checkpoint import CHECKPOINT_DIR, Checkpointer, check_meta
-from gptjax.optim import OptimConfig, make_optimizer, make_schedule
+from gptjax.train import parallel as par
+from gptjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, check_meta
+from gptjax.train.optim import OptimConfig, make_optimizer, make_schedule
 
-log = logging.getLogger("gptjax.trainer")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
 BATCH_AXIS = "batch"
@@ -268,7 +268,7 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, *, axis_name: str | No
 class Parallel:
     """Runs the step on one device with jit, on n local devices with pmap, or as one
     sharded jit over a device mesh (data / FSDP / tensor parallelism, one or many
-    processes; the sharding rules are in gptjax.parallel).
+    processes; the sharding rules are in gptjax.train.parallel).
 
     Under a mesh the state stays sharded: `get_state` returns global arrays (orbax saves
     them shard by shard, eval functions take them as they are) and `host_state` gathers

@@ -1,0 +1,1 @@
+"""The command-line entry points and the one settings mechanism they share."""
