@@ -1,18 +1,23 @@
 """Tokenizers: round trips, special tokens, save/load/fingerprint, parity with transformers."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from gptjax.data.tokenizer import (
+    BERT_SPECIAL_TOKENS,
     SPECIAL_TOKENS,
     ByteTokenizer,
     CharTokenizer,
     build_tokenizer,
+    from_bert_vocab,
     from_gpt2_files,
     from_openai_gpt_files,
     load_tokenizer,
     train_bpe,
+    train_wordpiece,
 )
 
 CORPUS = [
@@ -116,9 +121,10 @@ def test_byte_tokenizer():
         tok.decode([261])
 
 
-@pytest.mark.parametrize("kind", ["bpe", "char", "byte"])
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "char", "byte"])
 def test_save_load_fingerprint(kind, tmp_path):
-    tok = build_tokenizer(kind, CORPUS + SAMPLES, vocab_size=300 if kind == "bpe" else None)
+    vocab_size = 300 if kind in ("bpe", "wordpiece") else None
+    tok = build_tokenizer(kind, CORPUS + SAMPLES, vocab_size=vocab_size)
     folder = tok.save(tmp_path / "tok")
     loaded = load_tokenizer(folder)
     assert loaded.kind == kind
@@ -153,14 +159,16 @@ def test_build_tokenizer_errors():
         build_tokenizer("bpe", CORPUS)
     with pytest.raises(ValueError, match="fixed"):
         build_tokenizer("char", CORPUS, vocab_size=100)
-    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+    with pytest.raises(ValueError, match="'wordpiece' tokenizer needs vocab_size"):
         build_tokenizer("wordpiece", CORPUS)
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        build_tokenizer("sentencepiece", CORPUS)
 
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(ValueError, match="merges.txt"):
+    with pytest.raises(ValueError, match="merges.txt, or vocab.txt"):
         load_tokenizer(tmp_path)
 
 
@@ -288,3 +296,213 @@ def test_openai_gpt_files_match_transformers(tmp_path):
     # No special token in GPT-1's vocabulary: all five are appended.
     assert [tok.token_id(n) for n in SPECIAL_TOKENS] == [len(vocab) + i for i in range(5)]
     assert load_tokenizer(folder).kind == "openai-gpt"
+
+
+# ----------------------------------------------------------------------------------------
+# WordPiece (BERT): a vocab.txt checked against transformers, training, files.
+
+# BERT's layout: [PAD] first, [unused*] slots, then the other specials, then the tokens, so
+# that the special ids are not simply 0..4.
+BERT_VOCAB = [
+    "[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    *".,!?'()-;:", *"abcdefghijklmnopqrstuvwxyz", *"0123456789", "東", "京",
+    *("##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"),
+    "the", "quick", "brown", "fox", "jump", "##ed", "##ing", "over", "lazy", "dog",
+    "cafe", "naive", "resume", "return", "##er", "##est", "low", "un", "##able", "hello",
+    "world", "yes", "no", "Hello", "The", "Café", "Ü", "##ber",
+]  # fmt: skip
+
+BERT_TEXTS = [
+    "The quick brown fox jumped over the lazy dog.",
+    "Café, naïve résumé; ÜBER-cool (yes)!",  # accents stripped when lower-casing
+    "Hello World? THE LOWEST unable returns",  # casing
+    "zebra xylophone qwerty",  # out-of-vocabulary words split into pieces
+    "emoji 🙂 and ☃ snowman, 東京 tower",  # symbols not in the vocabulary: [UNK]
+    "a\u200bb\tc\x00d  e\u00a0f",  # control, zero-width and odd spaces
+    "x" * 101 + " short",  # a word over 100 characters is one [UNK]
+    "",
+]
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_bert_vocab_matches_transformers(bert_dir, lowercase):
+    from transformers import BertTokenizerFast
+
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...); from_pretrained reads a
+    # folder's vocab.txt as it reads a released checkpoint's.
+    reference = BertTokenizerFast.from_pretrained(str(bert_dir), do_lower_case=lowercase)
+    assert len(reference) == len(BERT_VOCAB)
+    tok = from_bert_vocab(bert_dir / "vocab.txt", lowercase=lowercase)
+    assert tok.kind == "wordpiece"
+    unk = BERT_VOCAB.index("[UNK]")
+    for text in BERT_TEXTS:
+        ids = tok.encode(text)
+        assert ids == reference(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(ids) == reference.decode(ids)
+    # The texts exercise what they claim to: pieces, unknowns, the special id positions.
+    assert unk in tok.encode(BERT_TEXTS[4]) and tok.encode(BERT_TEXTS[6])[0] == unk
+    assert any(BERT_VOCAB[i].startswith("##") for i in tok.encode(BERT_TEXTS[3]))
+    if lowercase:
+        assert tok.encode("Café") == tok.encode("cafe") == [BERT_VOCAB.index("cafe")]
+    else:
+        assert tok.encode("Café") == [BERT_VOCAB.index("Café")]
+    assert tok.vocab_size == len(BERT_VOCAB)  # nothing appended
+    assert {n: tok.token_id(n) for n in BERT_SPECIAL_TOKENS} == {
+        n: BERT_VOCAB.index(n) for n in BERT_SPECIAL_TOKENS
+    }
+    assert tok.token_id("<eos>") == tok.token_id("[SEP]")
+    assert tok.token_id("<pad>") == tok.token_id("[PAD]")
+    # Text spelling a special token stays text (transformers would give [MASK]'s id); "["
+    # is not in this vocabulary, so it is [UNK], the one special id text can give.
+    ids = tok.encode("a [MASK] b [SEP] [CLS] [PAD]")
+    assert not set(ids) & {tok.token_id(n) for n in BERT_SPECIAL_TOKENS if n != "[UNK]"}
+    assert unk in ids
+
+
+def test_load_bert_folder_and_file(bert_dir, tmp_path):
+    tok = load_tokenizer(bert_dir)  # add_missing_specials is on, yet nothing is appended
+    assert tok.kind == "wordpiece" and tok.vocab_size == len(BERT_VOCAB)
+    assert load_tokenizer(bert_dir / "vocab.txt").fingerprint() == tok.fingerprint()
+    assert tok.encode("The Café") == tok.encode("the cafe")
+    # transformers' tokenizer_config.json beside it sets the options.
+    (bert_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    cased = load_tokenizer(bert_dir)
+    assert cased.encode("The Café") == [BERT_VOCAB.index("The"), BERT_VOCAB.index("Café")]
+    # GPT-1's task tokens are appended only when asked for.
+    grown = tok.add_special_tokens(["<start>", "<delim>", "<extract>"])
+    assert [grown.token_id(n) for n in ("<start>", "<delim>", "<extract>")] == [
+        len(BERT_VOCAB) + i for i in range(3)
+    ]
+    # A saved copy loads back as itself.
+    saved = load_tokenizer(cased.save(tmp_path / "saved"))
+    assert saved.kind == "wordpiece" and saved.fingerprint() == cased.fingerprint()
+    assert saved.special_tokens == cased.special_tokens
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "empty vocab.txt"),
+        (b"\xff\xfe[PAD]\n", "not a UTF-8"),
+        (b"[PAD]\n[UNK]\n\n[CLS]\n", "line 3: empty token"),
+        (b"[PAD]\n[UNK]\nthe\n[CLS]\nthe\n", "line 5: token 'the' repeats line 3"),
+        (b"[PAD]\n[UNK]\n[CLS]\nthe\n", r"lacks the special tokens \['\[SEP\]'"),
+    ],
+)
+def test_bad_bert_vocab_files(tmp_path, content, match):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as error:
+        from_bert_vocab(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(ValueError, match=match):
+        load_tokenizer(tmp_path)
+
+
+def test_bad_bert_folder_config(bert_dir):
+    config = bert_dir / "tokenizer_config.json"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: unreadable"):
+        load_tokenizer(bert_dir)
+    config.write_text(json.dumps({"do_lower_case": "yes"}))
+    with pytest.raises(ValueError, match="do_lower_case is 'yes'; expected true or false"):
+        load_tokenizer(bert_dir)
+    with pytest.raises(ValueError, match="no vocab.txt at"):
+        from_bert_vocab(bert_dir / "missing.txt")
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return train_wordpiece(CORPUS, vocab_size=300)
+
+
+def test_train_wordpiece(wordpiece):
+    tok = wordpiece
+    assert tok.kind == "wordpiece" and tok.vocab_size <= 300
+    vocab = tok.backend.get_vocab()
+    assert [vocab[n] for n in BERT_SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert {n: i for n, i in tok.special_tokens.items() if n.startswith("[")} == {
+        n: i for i, n in enumerate(BERT_SPECIAL_TOKENS)
+    }
+    assert tok.token_id("<eos>") == 3 and tok.token_id("<pad>") == 0
+    # BERT's pipeline: lower-cased, accents stripped, punctuation split off, "##" pieces.
+    ids = tok.encode("The LAZY dog, naïve café.")
+    assert tok.decode(ids) == "the lazy dog, naive cafe."
+    assert 1 not in ids  # no [UNK]: every character was seen
+    assert any(t.startswith("##") for t in vocab)
+    assert tok.encode("lazy") == [vocab["lazy"]]  # a word learnt whole
+    pieces = tok.encode("quickest")  # unseen word, built from pieces
+    assert len(pieces) > 1 and tok.decode(pieces) == "quickest"
+    assert tok.encode("§") == [1]  # a character never seen: [UNK]
+    cased = train_wordpiece(CORPUS, vocab_size=300, lowercase=False)
+    assert cased.decode(cased.encode("Raise TypeError, naïve")) == "Raise TypeError, naïve"
+
+
+def test_train_wordpiece_is_deterministic_across_processes(wordpiece):
+    # tokenizers' trainer orders its "##" symbols by a per-process hash seed; a resumed run
+    # rebuilds the tokenizer in a new process and checks its fingerprint.
+    assert train_wordpiece(CORPUS, vocab_size=300).fingerprint() == wordpiece.fingerprint()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_tokenizer import CORPUS; "
+        "from gptjax.data.tokenizer import train_wordpiece; "
+        "print(train_wordpiece(CORPUS, vocab_size=300).fingerprint())"
+    )
+    here = str(__import__("pathlib").Path(__file__).parent)
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", code, here], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == wordpiece.fingerprint()
+
+
+def test_train_wordpiece_errors():
+    with pytest.raises(ValueError, match=r"vocab_size >= \d+ for these texts .*got 20"):
+        train_wordpiece(CORPUS, vocab_size=20)
+    with pytest.raises(ValueError, match="no characters"):
+        train_wordpiece(["  ", "\n"], vocab_size=100)
+
+
+def test_saved_wordpiece_loads_in_transformers(wordpiece, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    wordpiece.save(tmp_path)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    text = "The lazy dog returns."
+    ids = wordpiece.encode(text)
+    assert reference(text, add_special_tokens=False)["input_ids"] == ids
+    # The saved post-processor is BERT's template: [CLS] A [SEP] B [SEP], segments 0 and 1.
+    pair = reference(text, "A dog.", return_token_type_ids=True)
+    b = wordpiece.encode("A dog.")
+    assert pair["input_ids"] == [2, *ids, 3, *b, 3]
+    assert pair["token_type_ids"] == [0] * (len(ids) + 2) + [1] * (len(b) + 1)
+
+
+def test_bpe_can_take_bert_special_tokens(bpe):
+    grown = bpe.add_special_tokens(BERT_SPECIAL_TOKENS)
+    n = bpe.vocab_size
+    assert [grown.token_id(t) for t in BERT_SPECIAL_TOKENS] == [n + i for i in range(5)]
+    assert grown.token_id("<pad>") == bpe.token_id("<pad>")  # its own, not an alias
+    assert grown.token_id("<eos>") == bpe.token_id("<eos>")
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        ByteTokenizer().add_special_tokens(["[MASK]"])
+
+
+def test_bert_names_count_only_as_registered_special_tokens(tmp_path):
+    import tokenizers
+    from tokenizers import models
+
+    # An ordinary vocabulary entry spelled "[SEP]" is text, not BERT's separator.
+    backend = tokenizers.Tokenizer(
+        models.WordLevel({"[SEP]": 0, "a": 1, "[UNK]": 2}, unk_token="[UNK]")
+    )
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json", add_missing_specials=False)
+    assert tok.special_tokens == {}

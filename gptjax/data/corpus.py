@@ -599,13 +599,13 @@ def bytes_per_token(texts: Iterable[str], tokenizer: Tokenizer) -> float:
 # Batches.
 
 
-def _check_non_negative(**values: int) -> None:
+def check_non_negative(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int | np.integer) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
-def _shard_rows(batch_size: int, shard: tuple[int, int] | None) -> slice:
+def shard_rows(batch_size: int, shard: tuple[int, int] | None) -> slice:
     """Rows [index * B / count, (index + 1) * B / count) of a global batch of B rows."""
     if shard is None:
         return slice(0, batch_size)
@@ -640,7 +640,7 @@ def train_batch(
 
     Raises ValueError when `tokens` is shorter than one window.
     """
-    _check_non_negative(seed=seed, step=step, batch_size=batch_size, context=context)
+    check_non_negative(seed=seed, step=step, batch_size=batch_size, context=context)
     window = context + 1
     n = len(tokens)
     if n < window:
@@ -648,7 +648,7 @@ def train_batch(
             f"the corpus has {n} tokens, but one training window needs context + 1 = {window}"
         )
     rng = np.random.default_rng([int(seed), int(step)])
-    starts = rng.integers(0, n - window + 1, size=batch_size)[_shard_rows(batch_size, shard)]
+    starts = rng.integers(0, n - window + 1, size=batch_size)[shard_rows(batch_size, shard)]
     # Row by row: each window is one contiguous read from the memmap.
     return np.stack([np.asarray(tokens[s : s + window], dtype=np.int32) for s in starts])
 
@@ -670,7 +670,7 @@ def eval_batches(
     Raises ValueError (here, not on first iteration) when `tokens` is shorter than one
     window or than one batch of windows.
     """
-    _check_non_negative(batch_size=batch_size, context=context)
+    check_non_negative(batch_size=batch_size, context=context)
     if context == 0 or batch_size == 0:
         raise ValueError("eval_batches needs context > 0 and batch_size > 0")
     window = context + 1
@@ -689,7 +689,7 @@ def eval_batches(
         )
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
-    rows = _shard_rows(batch_size, shard)
+    rows = shard_rows(batch_size, shard)
 
     def batches() -> Iterator[np.ndarray]:
         for b in range(num_batches):
