@@ -4,9 +4,10 @@
 
 One call is a prefill of the whole prompt (T0 tokens at once) and then one token at a time
 from a fixed-size cache of T0 + max_new_tokens slots, the loop compiled as a single
-`jax.lax.while_loop`. Both run `model.block` layer by layer over weights sliced out of the
-stacked parameters once per call (see `_decode_layout`: a step that slices them itself is
-an order of magnitude slower on a CPU), with `model.block`'s cached attention. The jitted
+`jax.lax.while_loop`. Both run `_cached_block` (model.block with a KV cache, built from the
+model's pieces: this is the library's only cached forward pass) layer by layer over weights
+sliced out of the stacked parameters once per call (see `_decode_layout`: a step that slices
+them itself is an order of magnitude slower on a CPU). The jitted
 program depends only on the shapes and on the static settings (cfg, max_new_tokens, top_k,
 greedy or not, top-p on or off); temperature, top_p, the seed and the stop tokens are
 traced values, so changing them does not recompile.
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import Params, block, embed, init_cache, layer_norm, logits
+from gptjax.model import Params, attend, causal_mask, dense, embed, layer_norm, logits, mlp
 
 # Prompt lengths are rounded up to a multiple of this (when n_ctx allows) to share compiles.
 PROMPT_BUCKET = 16
@@ -108,10 +109,10 @@ def sample_logits(
 def _decode_layout(params: Params, cfg: GPTConfig) -> dict:
     """The parameters rearranged for decoding: one dict per layer, matrices in the compute dtype.
 
-    model.forward_cached reads the layers from stacked (L, ...) arrays; inside a compiled
-    decoding step XLA then copies each layer's weights out of the stack at every step (on
-    a CPU, gpt2 at batch 1: ~360 ms per token instead of ~30 ms). Slicing the layers once
-    per call, before the loop, removes that copy. The weight matrices (and the output
+    model.forward reads the layers from stacked (L, ...) arrays; inside a compiled decoding
+    step XLA then copies each layer's weights out of the stack at every step (on a CPU an
+    order of magnitude slower per token). Slicing the layers once per call, before the
+    loop, removes that copy. The weight matrices (and the output
     embedding) are cast to the compute dtype here once instead of at every use, which
     `model.dense` and `model.logits` would do with the same result; LayerNorm parameters,
     biases and the input embeddings are left as they are, so the numbers are those of
@@ -132,17 +133,43 @@ def _decode_layout(params: Params, cfg: GPTConfig) -> dict:
     }
 
 
+def _cached_block(p, x, cfg, banded, key_mask, cache, index):
+    """model.block over T new tokens with a KV cache: their keys and values are written at
+    slots index..index + T - 1 of cache = (k, v), each (B, S, H, K), and the queries attend
+    to the real (key_mask (B, S)) slots at or before their own, within the band of a banded
+    layer. Returns (x (B, T, D), the updated cache)."""
+
+    def self_attention(x):
+        B, T, D = x.shape
+        qkv = dense(p["attn"]["c_attn"], x, cfg).reshape(B, T, 3, cfg.n_head, cfg.head_size)
+        k, v = (jax.lax.dynamic_update_slice_in_dim(c, qkv[:, :, i].astype(c.dtype), index,
+                                                    axis=1) for i, c in zip((1, 2), cache))
+        band = cfg.attention_band if banded else None
+        mask = causal_mask(index + jnp.arange(T), jnp.arange(k.shape[1]), band)[None, None]
+        y = attend(qkv[:, :, 0], k.astype(x.dtype), v.astype(x.dtype),
+                   mask & key_mask[:, None, None, :])
+        return dense(p["attn"]["c_proj"], y.reshape(B, T, D), cfg), (k, v)
+
+    if cfg.norm == "post":
+        a, cache = self_attention(x)
+        x = layer_norm(p["ln_1"], x + a, cfg)
+        return layer_norm(p["ln_2"], x + mlp(p["mlp"], x, cfg), cfg), cache
+    a, cache = self_attention(layer_norm(p["ln_1"], x, cfg))
+    x = x + a
+    return x + mlp(p["mlp"], layer_norm(p["ln_2"], x, cfg), cfg), cache
+
+
 def _forward_cached(layout, tokens, cfg, caches, cache_index, positions, key_mask):
-    """model.forward_cached over the decode layout, with one (k, v) cache per layer; returns
-    the float32 logits (B, V) of the last position and the updated caches."""
+    """model.forward through `_cached_block` over the decode layout, one (k, v) cache per
+    layer; returns the float32 logits (B, V) of the last position and the updated caches."""
     x = embed(layout["embed"], tokens, cfg, positions)
     new_caches = []
     for i, (p, cache) in enumerate(zip(layout["layers"], caches, strict=True)):
-        x, cache = block(p, x, cfg, banded=cfg.layer_is_banded(i), key_mask=key_mask,
-                         cache=cache, cache_index=cache_index)
+        x, cache = _cached_block(p, x, cfg, cfg.layer_is_banded(i), key_mask, cache,
+                                 cache_index)
         new_caches.append(cache)
     if cfg.norm == "pre":
-        x = layer_norm(layout["ln_f"], x, cfg.layer_norm_epsilon)
+        x = layer_norm(layout["ln_f"], x, cfg)
     return logits(layout["unembed"], x[:, -1:])[:, 0], new_caches
 
 
@@ -157,8 +184,8 @@ def _prefill(layout, tokens, pad_counts, cfg, cache_length):
     slots = jnp.arange(cache_length)
     key_mask = slots[None, :] >= pad_counts[:, None]
     positions = jnp.maximum(slots[None, :T0] - pad_counts[:, None], 0)
-    k, v = init_cache(cfg.replace(n_layer=1), B, cache_length)
-    caches = [(k[0], v[0])] * cfg.n_layer
+    empty = jnp.zeros((B, cache_length, cfg.n_head, cfg.head_size), jnp.dtype(cfg.dtype))
+    caches = [(empty, empty)] * cfg.n_layer
     z, caches = _forward_cached(layout, tokens, cfg, caches, jnp.int32(0), positions, key_mask)
     return z, caches, key_mask
 

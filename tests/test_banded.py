@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import kernels
 from gptjax import model as M
 from gptjax.config import GPTConfig, preset
 
@@ -60,14 +61,16 @@ def _dependence(f, x):
     return np.asarray(jax.jit(jax.vmap(row))(jnp.arange(T)))
 
 
+@pytest.mark.parametrize("kernels_setting", ["reference", "fast"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "dropout"])
-def test_output_ignores_tokens_outside_the_band(train):
-    """y[t] depends on x[s] exactly for t - band < s <= t (T = 23 is no multiple of 5)."""
-    cfg = CFG.replace(attn_pdrop=0.1) if train else CFG
+def test_output_ignores_tokens_outside_the_band(train, kernels_setting):
+    """y[t] depends on x[s] exactly for t - band < s <= t (T = 23 is no multiple of 5), with
+    the formula's explicit band mask and with the blocked kernel."""
+    cfg = CFG.replace(kernels=kernels_setting, attn_pdrop=0.1 if train else 0.0)
     p = _attn_params(cfg)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 23, cfg.n_embd))
     rngs = (jax.random.PRNGKey(2), jax.random.PRNGKey(3)) if train else None
-    dep = _dependence(lambda x: M.attention(p, x, cfg, banded=True, rngs=rngs)[0], x)
+    dep = _dependence(lambda x: M.attention(p, x, cfg, banded=True, rngs=rngs), x)
     t, s = np.arange(23)[:, None], np.arange(23)[None, :]
     outside = (s > t) | (s <= t - cfg.attention_band)
     assert dep[outside].max() == 0.0
@@ -75,29 +78,34 @@ def test_output_ignores_tokens_outside_the_band(train):
         assert dep[~outside].min() > 0.0
 
 
-def test_banded_with_padding_equals_explicit_band_mask():
-    """The blocked kernel with a key mask (left padding) equals softmax over an explicit
-    band & causal & key mask, and a band >= T is dense attention."""
-    p = _attn_params(CFG)
+@pytest.mark.parametrize("kernels_setting", ["reference", "fast"])
+def test_banded_with_padding_equals_explicit_band_mask(kernels_setting):
+    """Banded attention with a key mask (left padding), by model.attention (the blocked
+    kernel with "fast"), equals softmax over an explicit band & causal & key mask written
+    out here, and a band >= T is dense attention."""
+    cfg = CFG.replace(kernels=kernels_setting)
+    p = _attn_params(cfg)
     B, T = 2, 21
-    x = jax.random.normal(jax.random.PRNGKey(4), (B, T, CFG.n_embd))
+    x = jax.random.normal(jax.random.PRNGKey(4), (B, T, cfg.n_embd))
     key_mask = jnp.asarray(np.arange(T)[None, :] >= np.array([[0], [7]]))
-    got = M.attention(p, x, CFG, banded=True, key_mask=key_mask)[0]
+    got = M.attention(p, x, cfg, banded=True, key_mask=key_mask)
 
-    q, k, v = (a.reshape(B, T, CFG.n_head, CFG.head_size)
-               for a in jnp.split(M.dense(p["c_attn"], x), 3, axis=-1))
+    q, k, v = (a.reshape(B, T, cfg.n_head, cfg.head_size)
+               for a in jnp.split(x @ p["c_attn"]["w"] + p["c_attn"]["b"], 3, axis=-1))
     t, s = np.arange(T)[:, None], np.arange(T)[None, :]
-    mask = jnp.asarray((s <= t) & (s > t - CFG.attention_band))[None, None]
+    mask = jnp.asarray((s <= t) & (s > t - cfg.attention_band))[None, None]
     mask = mask & key_mask[:, None, None, :]
-    ref = M._softmax_attention(q, k, v, mask, 1 / np.sqrt(CFG.head_size), 0.0, None)
-    ref = M.dense(p["c_proj"], ref.reshape(B, T, CFG.n_embd))
+    scores = jnp.einsum("BTHK,BSHK->BHTS", q, k) / np.sqrt(cfg.head_size)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+    ref = jnp.einsum("BHTS,BSHK->BTHK", probs, v).reshape(B, T, cfg.n_embd)
+    ref = ref @ p["c_proj"]["w"] + p["c_proj"]["b"]
     real = np.asarray(key_mask)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=1e-5)
 
-    dense = M.attention(p, x, CFG, banded=False, key_mask=key_mask)[0]
+    dense = M.attention(p, x, cfg, banded=False, key_mask=key_mask)
     for band in (T, 3 * T):
-        wide = M.attention(p, x, CFG.replace(attention_band=band), banded=True,
-                           key_mask=key_mask)[0]
+        wide = M.attention(p, x, cfg.replace(attention_band=band), banded=True,
+                           key_mask=key_mask)
         np.testing.assert_allclose(np.asarray(wide)[real], np.asarray(dense)[real], atol=1e-6)
 
 
@@ -114,19 +122,20 @@ def _avals(jaxpr):
 
 
 def test_banded_attention_does_not_materialise_t_by_t():
-    """At T=1024, band=64 the largest array of the banded layer, forward and backward, is
-    H * T * 2 * band scores (blocks of band queries against 2 * band keys), 1/8 of the
-    H * T * T that dense attention computes (in query blocks of H * T/4 * T). Compiled
-    scratch memory stays under one float32 H x T x T score array; dense attention's holds
-    at least the causal part of one (5/8 of it with 4 query blocks)."""
+    """With the fast kernels (the reference formula builds the T x T mask), at T=1024,
+    band=64 the largest array of the banded layer, forward and backward, is H * T * 2 *
+    band scores (blocks of band queries against 2 * band keys), 1/8 of the H * T * T that
+    dense attention computes (in query blocks of H * T/4 * T). Compiled scratch memory
+    stays under one float32 H x T x T score array; dense attention's holds at least the
+    causal part of one (5/8 of it with 4 query blocks)."""
     T, band = 1024, 64
-    cfg = CFG.replace(n_ctx=T, attention_band=band)
+    cfg = CFG.replace(n_ctx=T, attention_band=band, kernels="fast")
     p = _attn_params(cfg)
     x = jnp.zeros((1, T, cfg.n_embd))
     largest, scratch = {}, {}
     for banded in (True, False):
         def fwd(x, banded=banded):
-            return M.attention(p, x, cfg, banded=banded)[0]
+            return M.attention(p, x, cfg, banded=banded)
 
         def grad(x, fwd=fwd):
             return jax.grad(lambda x: fwd(x).sum())(x)
@@ -140,18 +149,19 @@ def test_banded_attention_does_not_materialise_t_by_t():
     for name in ("fwd", "grad"):
         assert largest[True, name] <= cfg.n_head * T * 2 * band
         # the contrast: dense attention holds a query block's scores against every key
-        assert largest[False, name] >= cfg.n_head * T * T // len(M._query_blocks(T))
+        n = len(kernels.attention.query_blocks(T))
+        assert largest[False, name] >= cfg.n_head * T * T // n
         if scratch[True, name] is not None:
             tt_bytes = cfg.n_head * T * T * 4
-            n = len(M._query_blocks(T))
             assert scratch[True, name] < tt_bytes
             assert scratch[False, name] >= tt_bytes * (n + 1) / (2 * n)
 
 
-def test_banded_model_trains():
+@pytest.mark.parametrize("kernels_setting", ["reference", "fast"])
+def test_banded_model_trains(kernels_setting):
     """Banded layers in the training path (lm_loss, sequence longer than the band): every
     parameter gets a finite, non-zero gradient (dropout with the band: see above)."""
-    cfg = CFG.replace(n_ctx=32, attention_band=4)
+    cfg = CFG.replace(n_ctx=32, attention_band=4, kernels=kernels_setting)
     params = M.init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, cfg.vocab_size)
     grads = jax.jit(jax.grad(M.lm_loss), static_argnames=("cfg",))(params, tokens, cfg=cfg)
