@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from gptjax import model as M
-from gptjax.train.optim import OptimConfig
 from gptjax.train.loop import LoopConfig, train
+from gptjax.train.optim import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_parallel as TP  # noqa: E402

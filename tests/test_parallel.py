@@ -15,10 +15,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptjax import model as M
-from gptjax.train import parallel as par
 from gptjax.config import GPTConfig
-from gptjax.train.optim import OptimConfig, make_optimizer
+from gptjax.train import parallel as par
 from gptjax.train.loop import LoopConfig
+from gptjax.train.optim import OptimConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -47,7 +47,7 @@ def specs_by_name(tree, sizes):
     specs = par.tree_specs(tree, sizes)
     flat = jax.tree_util.tree_flatten_with_path(
         specs, is_leaf=lambda x: isinstance(x, P))[0]
-    return {".".join(par._names(path)): spec for path, spec in flat}
+    return {".".join(par.path_names(path)): spec for path, spec in flat}
 
 
 # ----------------------------------------------------------------------------- rules
@@ -114,7 +114,9 @@ MESH_SCRIPT = textwrap.dedent("""
     from gptjax.train import parallel as par
     from gptjax.train.checkpoint import Checkpointer
     from gptjax.train.optim import OptimConfig, make_optimizer
-    from gptjax.train.loop import LoopConfig, Parallel, init_state, make_train_step, train
+    from gptjax.train.loop import LoopConfig, train
+    from gptjax.train.runners import make_runner
+    from gptjax.train.step import init_state, make_train_step
     out_dir = sys.argv[1]
     cfg = TP.CFG
     optim = OptimConfig(lr=1e-2, warmup_steps=1)
@@ -147,7 +149,7 @@ MESH_SCRIPT = textwrap.dedent("""
     def factory(axis):
         return make_train_step(loss, opt, lambda s: 0.0, axis_name=axis)
 
-    p8 = Parallel(factory, LoopConfig(batch_size=16, mesh="fsdp=8"))
+    p8 = make_runner(factory, LoopConfig(batch_size=16, mesh="fsdp=8"))
     placed = p8.put_state(state)
     held = {{}}
     for part in ("params", "opt_state"):
@@ -157,7 +159,7 @@ MESH_SCRIPT = textwrap.dedent("""
     out["held"] = held
 
     # the fsdp=8 checkpoint restored under another mesh: shards move, values stay
-    p3 = Parallel(factory, LoopConfig(batch_size=16, mesh="data=2,fsdp=2,tensor=2"))
+    p3 = make_runner(factory, LoopConfig(batch_size=16, mesh="data=2,fsdp=2,tensor=2"))
     ckpt = Checkpointer(out_dir + "/fsdp8/checkpoints")
     restored, _, step = ckpt.restore(p3.restore_target(state))
     ckpt.close()

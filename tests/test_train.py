@@ -3,6 +3,7 @@ checkpoint robustness, and pmap on 8 CPU devices == 1 device."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,17 +17,12 @@ import optax
 import pytest
 
 from gptjax import model as M
-from gptjax.train.checkpoint import Checkpointer, CheckpointError
 from gptjax.config import GPTConfig
-from gptjax.train.optim import OptimConfig, make_optimizer, make_schedule, weight_decay_mask
-from gptjax.train.loop import (
-    LoopConfig,
-    TrainingDiverged,
-    flops_per_token,
-    init_state,
-    make_train_step,
-    train,
-)
+from gptjax.train.checkpoint import Checkpointer, CheckpointError
+from gptjax.train.flops import flops_per_token
+from gptjax.train.loop import LoopConfig, TrainingDiverged, train
+from gptjax.train.optim import OptimConfig, make_optimizer, make_schedule
+from gptjax.train.step import init_state, make_train_step
 
 # Parameters after a few steps of Adam at lr 1e-2, compared across device layouts. Adam
 # moves a parameter whose gradient is near its eps (1e-8) by lr * g / (|g| + eps), so
@@ -75,41 +71,6 @@ def restored_params(ckpt_dir, cfg=CFG, steps=3):
     ckpt.close()
     assert step == steps
     return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state["params"])]
-
-
-def test_weight_decay_mask_is_explicit():
-    params = M.init_params(CFG.replace(norm="pre"), jax.random.PRNGKey(0))
-    mask = weight_decay_mask({"gpt": params, "head": {"kernel": 1.0, "bias": 0.0}})
-    flat = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(mask)[0]}
-    decayed = sorted(k for k, v in flat.items() if v)
-    assert decayed == sorted([
-        "['gpt']['h']['attn']['c_attn']['w']", "['gpt']['h']['attn']['c_proj']['w']",
-        "['gpt']['h']['mlp']['c_fc']['w']", "['gpt']['h']['mlp']['c_proj']['w']",
-        "['gpt']['wpe']", "['gpt']['wte']", "['head']['kernel']",
-    ])
-    assert not flat["['gpt']['ln_f']['g']"] and not flat["['gpt']['h']['attn']['c_attn']['b']"]
-
-
-def test_weight_decay_touches_only_matrices():
-    params = M.init_params(CFG, jax.random.PRNGKey(0))
-    opt = make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, schedule="constant",
-                                     weight_decay=0.5, clip_norm=0), 10)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, _ = opt.update(zeros, opt.init(params), params)
-    assert float(jnp.abs(updates["h"]["ln_1"]["g"]).max()) == 0.0
-    assert float(jnp.abs(updates["h"]["mlp"]["c_fc"]["b"]).max()) == 0.0
-    np.testing.assert_allclose(updates["wte"], -0.1 * 0.5 * params["wte"], rtol=1e-6)
-
-
-def test_schedule_warmup_then_cosine_to_min():
-    sched = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr=0.1), 110)
-    assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
-    assert abs(float(sched(60)) - 0.55) < 1e-3 and abs(float(sched(110)) - 0.1) < 1e-6
-    lin = make_schedule(OptimConfig(lr=1.0, warmup_steps=2, schedule="linear"), 12)
-    assert abs(float(lin(7)) - 0.5) < 1e-6
-    with pytest.raises(ValueError, match="warmup_steps=20 is longer than training"):
-        make_schedule(OptimConfig(warmup_steps=20), 10)
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -201,34 +162,53 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     ckpt.close()
 
 
-def test_planted_and_corrupted_checkpoints_fall_back(tmp_path, caplog):
-    run(tmp_path, 4, ckpt_every=2)
+def test_planted_and_corrupted_checkpoints_are_set_aside(tmp_path, caplog):
+    """Library level (train() resuming is in test_checkpoint.py): a planted step folder,
+    an unfinished save and damaged steps are moved aside, never deleted; a read-only
+    Checkpointer only skips them; with nothing readable the error names every step."""
+    opt = make_optimizer(OptimConfig(warmup_steps=0), 4)
+    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)), opt, 0)
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
-    (ckpts / "9").mkdir()  # a planted partial folder
+    ckpt = Checkpointer(ckpts, async_save=False)
+    for step in (2, 4):
+        ckpt.save(step, {**target, "step": np.int32(step)}, {})
+    ckpt.close()
+    (ckpts / "9").mkdir()  # a planted folder that looks like a step
     (ckpts / "9" / "junk").write_text("not a checkpoint")
-    (ckpts / "5.orbax-checkpoint-tmp-123").mkdir()  # an unfinished save
-    target = init_state(M.init_params(CFG, jax.random.PRNGKey(0)),
-                        make_optimizer(OptimConfig(warmup_steps=0), 4), 0)
+    (ckpts / "5.orbax-checkpoint-tmp-123").mkdir()  # a save a kill interrupted
+
+    def names():
+        return sorted(re.sub(r"-\d{8}-\d{6}", "-TIME", p.name) for p in ckpts.iterdir())
+
+    def damage(step):
+        for f in (ckpts / str(step)).rglob("*"):
+            if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
+                f.write_bytes(b"\0garbage")
+
+    damage(4)
+    before = names()
+    reader = Checkpointer(ckpts, read_only=True)
+    with caplog.at_level("WARNING"):
+        _, _, step = reader.restore(target)
+    reader.close()
+    assert step == 2 and names() == before  # read-only: skipped, nothing moved
+    assert "step 9" in caplog.text and "step 4" in caplog.text
+
+    caplog.clear()
     ckpt = Checkpointer(ckpts)
-    state, _, step = ckpt.restore(target)
-    assert step == 4 and int(state["step"]) == 4
-    # corrupt step 4: restore falls back to step 2 and says so
-    for f in (ckpts / "4").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
-            f.write_bytes(b"\0garbage")
     with caplog.at_level("WARNING"):
         state, _, step = ckpt.restore(target)
     assert step == 2 and int(state["step"]) == 2
-    assert "step 4" in caplog.text and "unreadable" in caplog.text
-    # nothing readable at all: an error naming the steps, never a silent fresh start
-    for s in ("2",):
-        for f in (ckpts / s).rglob("*"):
-            if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
-                f.write_bytes(b"\0garbage")
-    with pytest.raises(CheckpointError, match="no readable checkpoint.*step 4.*step 2"):
+    assert names() == ["2", "4.corrupt-TIME", "5.incomplete-TIME", "9.corrupt-TIME"]
+    for moved in ("4.corrupt-", "5.incomplete-", "9.corrupt-"):
+        assert len([r for r in caplog.records if moved in r.getMessage()]) == 1, moved
+    # nothing readable at all: an error naming the step, never a silent fresh start
+    damage(2)
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*step 2"):
         ckpt.restore(target)
     ckpt.close()
+    assert names() == ["2.corrupt-TIME", "4.corrupt-TIME", "5.incomplete-TIME",
+                       "9.corrupt-TIME"]
 
 
 def test_flops_per_token_formula():
@@ -238,15 +218,16 @@ def test_flops_per_token_formula():
 
 
 
-def test_cpu_peak_is_measured_in_the_compute_dtype(monkeypatch):
+def test_cpu_peak_is_measured_in_the_compute_dtype():
     """The MFU logged on CPU divides by a matmul rate measured in the model's compute dtype
     (bfloat16 products accumulate in float32), one measurement per dtype."""
-    from gptjax.train import loop as trainer
+    from gptjax.train.flops import device_peak_flops, measured_matmul_flops
 
-    monkeypatch.setattr(trainer, "_MEASURED", {})
-    rates = {d: trainer.device_peak_flops(dtype=d) for d in ("float32", "bfloat16")}
-    assert all(r > 0 for r in rates.values()) and sorted(trainer._MEASURED) == sorted(rates)
-    assert trainer.device_peak_flops(dtype="bfloat16") == rates["bfloat16"]  # cached
+    rates = {d: device_peak_flops(dtype=d) for d in ("float32", "bfloat16")}
+    assert all(r > 0 for r in rates.values())
+    for dtype, rate in rates.items():  # one measurement per dtype, reused (a new timing
+        assert measured_matmul_flops(dtype) == rate  # would not repeat to the last bit)
+        assert device_peak_flops(dtype=dtype) == rate
 
 PMAP_SCRIPT = textwrap.dedent("""
     import json, sys

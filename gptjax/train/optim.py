@@ -4,6 +4,13 @@ GPT-1 pre-training: Adam, max lr 2.5e-4 reached by a linear warm-up over 2,000
 steps, then cosine annealing to 0, with decoupled weight decay 0.01 on "all
 non bias or gain weights". GPT-1 fine-tuning: lr 6.25e-5, warm-up over 0.2% of
 training, then linear decay to 0. Both are settings of `OptimConfig`.
+
+The learning rate follows the train loop's step, not a count kept in the optimizer
+state: `make_optimizer`'s last stage takes the step as an optax extra argument
+(`update(grads, state, params, step=s)`, which gptjax.train.step passes). A step
+skipped for a non-finite loss leaves the optimizer state as it was, so an optimizer
+count would fall behind the loop; with the step passed in, the rate applied at step s
+is always `make_schedule(...)(s)`, the `lr` the loop logs.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Leaf names that are weight matrices (decayed). Everything else, biases "b"/"bias"
@@ -25,7 +33,8 @@ class OptimConfig:
 
     # Peak learning rate, reached at the end of the warm-up.
     lr: float = 2.5e-4
-    # Linear warm-up from 0, in optimizer steps.
+    # Linear warm-up over this many optimizer steps: step s < warmup_steps gets
+    # lr * (s + 1) / warmup_steps, so the first step already moves the parameters.
     warmup_steps: int = 2000
     # Shape of the decay after warm-up: "cosine", "linear" or "constant".
     schedule: str = "cosine"
@@ -53,7 +62,15 @@ class OptimConfig:
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to cfg.lr over warmup_steps, then decay to min_lr at total_steps."""
+    """step -> learning rate: a linear warm-up, lr * (s + 1) / warmup_steps at step s
+    (lr at step warmup_steps - 1), then the decay from lr at step warmup_steps to min_lr
+    at total_steps.
+
+    GPT-1's rate is "increased linearly from zero over the first 2000 updates"; starting
+    the count at one rather than zero makes the first update a real one (at zero, step 0
+    would change nothing but Adam's moments). E.g. lr=1, warmup_steps=4, constant:
+    steps 0, 1, 2, 3, 4 get 0.25, 0.5, 0.75, 1.0, 1.0.
+    """
     if cfg.warmup_steps > total_steps:
         raise ValueError(
             f"warmup_steps={cfg.warmup_steps} is longer than training ({total_steps} steps)"
@@ -68,8 +85,12 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         decay = optax.constant_schedule(cfg.lr)
     if cfg.warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    warmup_steps, peak = cfg.warmup_steps, cfg.lr
+
+    def warmup(step):
+        return peak * jnp.minimum(step + 1, warmup_steps) / warmup_steps
+
+    return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def weight_decay_mask(params):
@@ -87,14 +108,44 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_weight, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule, mask = weight matrices)."""
+def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """updates * -schedule(step), with `step` the caller's (an optax extra argument).
+
+    optax.scale_by_learning_rate does the same with a count in its state, which does not
+    advance when the train step keeps the old optimizer state after a non-finite loss;
+    this stage keeps no state and uses the step it is given.
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        if step is None:
+            raise TypeError(
+                "this optimizer's learning rate follows the train step: call "
+                "update(grads, state, params, step=step) (gptjax.train.step does)")
+        rate = schedule(step)
+        return jax.tree_util.tree_map(lambda u: jnp.array(-rate, dtype=u.dtype) * u,
+                                      updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """clip_by_global_norm -> AdamW (mask = weight matrices) at make_schedule(step).
+
+    The AdamW stages are optax.adamw's own (scale_by_adam, add_decayed_weights,
+    then the rate), with the rate taken at the step passed to `update(..., step=s)`.
+    """
     schedule = make_schedule(cfg, total_steps)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=weight_decay_mask)
-    )
+    parts += [
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, weight_decay_mask),
+        scale_by_schedule_at_step(schedule),
+    ]
     return optax.chain(*parts)

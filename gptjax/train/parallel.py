@@ -132,7 +132,9 @@ def describe(mesh: Mesh) -> str:
 # ----------------------------------------------------------------------------- the rules
 
 
-def _names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+    """A pytree key path as names: dict keys, attribute names and sequence indices
+    (("opt_state", "1", "0", "mu", "wte")); orbax names saved leaves the same way."""
     out = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -148,7 +150,7 @@ def partition_spec(path, shape: Sequence[int], sizes: dict[str, int]) -> Partiti
     `path` is the leaf's key path (from jax.tree_util.tree_flatten_with_path) or a tuple
     of names; only its last two names and whether it lies under the stacked blocks matter.
     """
-    names = path if all(isinstance(n, str) for n in path) else _names(path)
+    names = path if all(isinstance(n, str) for n in path) else path_names(path)
     ndim = len(shape)
     spec: list = [None] * ndim
     if ndim == 0:
@@ -334,7 +336,7 @@ def initialize(loop) -> bool:
         if "before any JAX calls" in str(err):
             raise RuntimeError(
                 "distributed training was asked for after JAX had started: call "
-                "gptjax.parallel.initialize(loop) before any JAX computation"
+                "gptjax.train.parallel.initialize(loop) before any JAX computation"
             ) from err
         raise
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
@@ -374,6 +376,16 @@ def check_same_everywhere(value, what: str) -> None:
     except AssertionError:
         raise ValueError(f"{what} differs between processes (process {jax.process_index()} "
                          f"has {value!r:.300})") from None
+
+
+def on_every_process(flag: bool) -> bool:
+    """True when `flag` is true on every process (the flag itself with one process), so
+    that all processes take the same branch, e.g. whether a checkpoint could be read."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([bool(flag)]))))
 
 
 @contextlib.contextmanager

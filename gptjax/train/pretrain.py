@@ -1,7 +1,8 @@
 """Pre-training: corpus -> tokenizer -> token files -> the shared training loop.
 
-This is the library behind `python train.py`; the script only calls `main`.
-Run folder layout:
+The job behind `python train.py` (its command line is gptjax.cli.train). Every check of
+settings, devices, data and tokenizer runs before the run folder is created, so that bad
+input (exit 2) leaves no folder behind. Run folder layout:
 
     RUN_DIR/config.json     the resolved settings (preset, model, optim, loop, data)
     RUN_DIR/tokenizer/      the tokenizer, checked by fingerprint on resume
@@ -12,22 +13,17 @@ Run folder layout:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from gptjax.cli import settings as cli
-from gptjax.train import parallel as par
-from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
 from gptjax.config import PRESETS, GPTConfig
 from gptjax.data.corpus import (
     eval_batches,
@@ -36,24 +32,24 @@ from gptjax.data.corpus import (
     text_fingerprint,
     train_batch,
 )
-from gptjax.model import count_params, init_params, lm_loss
-from gptjax.train.optim import OptimConfig, make_schedule
 from gptjax.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from gptjax.train.loop import (
-    LoopConfig,
-    TrainResult,
-    exit_code,
-    flops_per_token,
-    plot_losses,
-    prepare_run_dir,
-    train,
-    use_compile_cache,
-)
+from gptjax.model import count_params, init_params, lm_loss
+from gptjax.train import parallel as par
+from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, verify_resume
+from gptjax.train.flops import flops_per_token
+from gptjax.train.loop import LoopConfig, train, use_compile_cache
+from gptjax.train.metrics import plot_losses
+from gptjax.train.optim import OptimConfig, make_schedule
+from gptjax.train.rundir import prepare_run_dir
+from gptjax.train.runners import make_runner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "cpu-small"
 CHECK_KEYS = ("model", "tokenizer", "data")
+
+
+# Tokenizers train.py builds from the corpus; any other `tokenizer` setting is a path.
+TOKENIZER_KINDS = ("bpe", "char", "byte")
 
 
 @dataclass(frozen=True)
@@ -117,11 +113,10 @@ RECIPES["tiny"] = dict(RECIPES["cpu-small"], steps=50, eval_every=25, batch_size
 for _name in ("gpt2-medium", "gpt2-large", "gpt2-xl"):
     RECIPES[_name] = RECIPES["gpt2"]
 
-SECTIONS = {"model": GPTConfig, "optim": OptimConfig, "loop": LoopConfig, "data": DataConfig}
-
-
 @dataclass
 class RunSettings:
+    """Everything a pre-training run is given (gptjax.cli.train resolves it)."""
+
     preset: str
     model: GPTConfig
     optim: OptimConfig
@@ -135,70 +130,35 @@ class RunSettings:
                 "data": dataclasses.asdict(self.data)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Pre-train a GPT on text. With no arguments: a small GPT on Python's "
-        "own documentation (no download), about four minutes on two CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help=f"model preset and its training recipe (default: {DEFAULT_PRESET})")
-    parser.add_argument("--config", default=None,
-                        help="a JSON/TOML/YAML file of settings (any option below, by name)")
-    parser.add_argument("--out-dir", default=None, help="run folder (default: runs/PRESET)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an existing run folder first")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    for name, cls in SECTIONS.items():
-        cli.add_dataclass_args(parser, cls, f"{name} settings")
-    return parser
+def preset_settings(name: str) -> dict:
+    """The settings a preset brings to train.py, flat: its GPTConfig fields, kernels "auto"
+    (the fast paths measured faster on this backend; the library's default is
+    "reference"), then its training recipe (RECIPES)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**dataclasses.asdict(PRESETS[name]), "kernels": "auto", **RECIPES.get(name, {})}
 
 
-def resolve(args: argparse.Namespace) -> RunSettings:
-    """Defaults < preset recipe < saved run (on resume) < config file < command line."""
-    file_settings = cli.read_config_file(args.config) if args.config else {}
-    preset_name = args.preset or file_settings.pop("preset", None)
-    file_settings.pop("preset", None)
-    out_dir = args.out_dir or file_settings.pop("out_dir", None)
-    file_settings.pop("out_dir", None)
-    saved: dict = {}
-    if args.resume:
-        if not out_dir:
-            raise ValueError("--resume needs --out-dir (the run folder to continue)")
-        saved_path = Path(out_dir) / RUN_CONFIG
-        if not saved_path.is_file():
-            raise FileNotFoundError(f"--resume: {saved_path} does not exist")
-        saved_run = json.loads(saved_path.read_text())
-        preset_name = preset_name or saved_run["preset"]
-        for section in SECTIONS:
-            saved.update(saved_run.get(section, {}))
-    preset_name = preset_name or DEFAULT_PRESET
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    out_dir = Path(out_dir or Path("runs") / preset_name)
+def _no_step(state, batch):
+    return state, {}
 
-    layers = [
-        ("preset", {**dataclasses.asdict(PRESETS[preset_name]),
-                    **RECIPES.get(preset_name, {})}),
-        (f"{out_dir / RUN_CONFIG}", saved),
-        (str(args.config), file_settings),
-        ("command line", {k: v for name, cls in SECTIONS.items()
-                          for k, v in cli.given(args, cls).items()}),
-    ]
-    merged: dict[str, dict] = {name: {} for name in SECTIONS}
-    for where, settings in layers:
-        for section, values in cli.split_settings(settings, SECTIONS, where).items():
-            merged[section].update(values)
-    built = {name: cli.build(cls, merged[name], f"settings ({name})")
-             for name, cls in SECTIONS.items()}
-    settings = RunSettings(preset=preset_name, out_dir=out_dir, **built)
+
+def check_parallel(loop: LoopConfig) -> None:
+    """Raise ValueError now for device, mesh and batch settings this machine cannot run.
+
+    train() builds the same runner around the real step; built here around a step that
+    does nothing, it runs the same checks and compiles nothing (jit and pmap compile at
+    their first call)."""
+    make_runner(lambda axis: _no_step, loop)
+
+
+def check(settings: RunSettings) -> None:
+    """The checks of the settings alone (before any data is read)."""
     make_schedule(settings.optim, settings.loop.steps)  # warm-up longer than training
     if settings.loop.eval_every > settings.loop.steps:
         log.info("eval_every=%d > steps=%d: evaluating at the end only",
                  settings.loop.eval_every, settings.loop.steps)
-    return settings
+    check_parallel(settings.loop)
 
 
 def _cache_dir(data: DataConfig) -> Path:
@@ -211,7 +171,7 @@ def _cache_dir(data: DataConfig) -> Path:
 def make_tokenizer(settings: RunSettings, texts: list[str]) -> Tokenizer:
     """The run's tokenizer, built or loaded as configured."""
     kind = settings.data.tokenizer
-    if kind in ("bpe", "char", "byte"):
+    if kind in TOKENIZER_KINDS:
         return build_tokenizer(kind, texts, settings.model.vocab_size if kind == "bpe" else None)
     return load_tokenizer(kind)
 
@@ -255,19 +215,26 @@ def make_eval_fn(cfg: GPTConfig, val: np.ndarray, batch_size: int, max_batches: 
     return evaluate
 
 
+def sample_prompt(tokenizer: Tokenizer, data: DataConfig, cfg: GPTConfig) -> list[int]:
+    """The ids the end-of-training samples start from (<eos> for an empty prompt); a
+    ValueError when the prompt leaves no room for new tokens."""
+    if data.sample_prompt:
+        prompt = tokenizer.encode(data.sample_prompt)
+    else:
+        prompt = [tokenizer.token_id("<eos>")]
+    if data.samples and data.sample_tokens and len(prompt) >= cfg.n_ctx:
+        raise ValueError(f"sample_prompt is {len(prompt)} tokens, no room in n_ctx={cfg.n_ctx}")
+    return prompt
+
+
 def print_samples(cfg: GPTConfig, params, tokenizer: Tokenizer, data: DataConfig, seed: int):
     """Decode a few samples with the cached generator and print them."""
     from gptjax.generate import generate
 
     if data.samples == 0 or data.sample_tokens == 0:
         return []
-    if data.sample_prompt:
-        prompt = tokenizer.encode(data.sample_prompt)
-    else:
-        prompt = [tokenizer.token_id("<eos>")]
+    prompt = sample_prompt(tokenizer, data, cfg)
     new_tokens = min(data.sample_tokens, cfg.n_ctx - len(prompt))
-    if new_tokens <= 0:
-        raise ValueError(f"sample_prompt is {len(prompt)} tokens, no room in n_ctx={cfg.n_ctx}")
     prompts = np.array([prompt] * data.samples, np.int32)
     out = generate(params, cfg, prompts, new_tokens, rng=jax.random.PRNGKey(seed),
                    temperature=data.sample_temperature, top_k=None)
@@ -280,10 +247,16 @@ def print_samples(cfg: GPTConfig, params, tokenizer: Tokenizer, data: DataConfig
 
 
 def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = False):
-    """Prepare everything that can fail on bad input, then the run folder, then train."""
+    """Check everything that can fail on bad input, then make the run folder, then train.
+
+    Order: settings and devices, the corpus, the tokenizer and its fit to the model; then
+    the caches shared by runs (compiled programs, token files: what is written there is
+    correct whether or not this run goes on) and the data's fit to the context; only then
+    the run folder.
+    """
     data = settings.data
     par.initialize(settings.loop)  # multi-host: before any JAX computation
-    use_compile_cache(settings.loop.compile_cache)  # before anything is compiled
+    check(settings)
     texts = load_texts(None if data.data == "builtin" else data.data, text_field=data.text_field,
                        hf_split=data.hf_split)
     source_fp = text_fingerprint(texts)
@@ -293,6 +266,9 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
     tokenizer = make_tokenizer(settings, texts)
     settings = fit_vocab(settings, tokenizer)
     cfg = settings.model
+    sample_prompt(tokenizer, data, cfg)
+    # Before anything is compiled (with several processes, the barrier below compiles).
+    use_compile_cache(settings.loop.compile_cache)
     cache = _cache_dir(data) / f"{tokenizer.fingerprint()[:16]}-{source_fp[:16]}"
     with par.primary_first("token files"):  # several processes: process 0 writes them
         tokens = prepare_tokens(texts, tokenizer, cache, val_fraction=data.val_fraction,
@@ -303,7 +279,7 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
     eval_fn = make_eval_fn(cfg, tokens.val, loop.batch_size, data.eval_batches,
                            tokens.bits_per_byte)
 
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer.fingerprint(),
+    meta = {"model": cfg.identity(), "tokenizer": tokenizer.fingerprint(),
             "data": tokens.meta.get("source_fingerprint", source_fp)}
     # Several processes: process 0 prepares and writes the folder; all read checkpoints.
     run_dir = Path(settings.out_dir)
@@ -351,14 +327,3 @@ def run(settings: RunSettings, *, resume: bool, overwrite: bool, quiet: bool = F
         print(f"stopped by signal {result.signal} at step {int(result.state['step'])}; "
               f"checkpoint saved in {run_dir}; continue with --resume --out-dir {run_dir}")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    def _run(argv):
-        args = build_parser().parse_args(argv)
-        settings = resolve(args)
-        result: TrainResult = run(settings, resume=args.resume, overwrite=args.overwrite,
-                                  quiet=args.quiet)
-        return exit_code(result)
-
-    return cli.main_wrapper(_run, argv)
