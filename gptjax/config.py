@@ -54,7 +54,7 @@ class GPTConfig:
     # Which implementation runs the model's pieces: "reference" is model.py's plain
     # formulas (every JAX transformation composes with them); "fast" swaps in each fast
     # path of gptjax.kernels; "auto" takes, per backend, the fast paths measured faster
-    # there (the README's Speed section) and the reference elsewhere.
+    # there and the reference elsewhere (the rule: gptjax.kernels.plan).
     kernels: str = "reference"
     # Implementation of jax.nn.dot_product_attention where a fast attention path uses it:
     # "auto" picks cudnn on NVIDIA GPUs in 16-bit, else xla.
@@ -126,6 +126,11 @@ class GPTConfig:
         """GPT-3 alternates dense and banded layers; here odd layers are banded."""
         return self.attention_band is not None and layer % 2 == 1
 
+    def identity(self) -> dict:
+        """The fields that define the model, all but IMPLEMENTATION_FIELDS: what a
+        resumed run must match (it may change how the model is computed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
+
     def replace(self, **changes) -> GPTConfig:
         return dataclasses.replace(self, **changes)
 
@@ -141,35 +146,61 @@ class GPTConfig:
             raise ValueError(f"{where}: unknown GPTConfig field(s) {unknown}")
         checked = {}
         for key, value in data.items():
-            checked[key] = _coerce(key, value, fields[key].type, where)
+            checked[key] = coerce_setting(key, value, fields[key].type, where)
         return cls(**checked)
 
 
-def _coerce(key, value, annotation, where):
-    """Check a JSON/TOML value against the field's annotation (ints may stand for floats)."""
-    ann = str(annotation)
-    optional = "None" in ann
+def setting_type(annotation) -> tuple[type | None, bool]:
+    """(int, float, str or bool, whether None is allowed) of a settings field's annotation.
+
+    The annotation is a type (``int | None``) or, under ``from __future__ import
+    annotations``, its text ("int | None"). Any other type gives (None, optional). The one
+    reader of annotations: config files (`coerce_setting`) and the command line
+    (gptjax.cli.settings) both use it.
+    """
+    import types
+    import typing
+
+    if isinstance(annotation, str):
+        names = [part.strip() for part in annotation.split("|")]
+    else:
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        members = typing.get_args(annotation) if union else (annotation,)
+        names = ["None" if m is type(None) else getattr(m, "__name__", str(m))
+                 for m in members]
+    optional = "None" in names
+    rest = [name for name in names if name != "None"]
+    scalars = {"int": int, "float": float, "str": str, "bool": bool}
+    kind = scalars.get(rest[0]) if len(rest) == 1 else None
+    return kind, optional
+
+
+def coerce_setting(key: str, value, annotation, where: str):
+    """`value` (from JSON, TOML or YAML) checked against the field's annotation: a
+    ValueError naming `where` and the key when it does not fit; ints may stand for floats
+    (and become floats); None only where the annotation allows it."""
+    kind, optional = setting_type(annotation)
     if value is None:
         if optional:
             return None
         raise ValueError(f"{where}: field {key!r} may not be null")
-    if ann.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: field {key!r}={value!r} must be a bool")
-        return value
-    if ann.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: field {key!r}={value!r} must be an int")
-        return value
-    if ann.startswith("float"):
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r}={value!r} must be a bool")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: field {key!r}={value!r} must be an int")
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: field {key!r}={value!r} must be a number")
         return float(value)
-    if ann.startswith("str"):
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: field {key!r}={value!r} must be a string")
-        return value
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r}={value!r} must be a string")
     return value
+
+
+# Settings that choose how the model is computed, not what it computes: the same
+# parameters give the same results (to rounding) whatever their values, so a run may
+# resume with others (e.g. --kernels reference to compose jax.jvp with a trained model).
+IMPLEMENTATION_FIELDS = ("kernels", "attention", "scan_layers", "remat")
 
 
 # The enumerated settings and their choices (validation and the command line's help).
@@ -215,9 +246,8 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(**_GPT2, n_layer=48, n_head=25, n_embd=1600),
     # Small models for a 2-core CPU. "char" is the character-level recipe of
     # the training issue (4 x 128, context 64, no dropout). Their layers are
-    # unrolled: XLA's CPU backend runs a scanned layer stack markedly slower
-    # (per training step, scanned -> unrolled: char 59.7 -> 32.4 ms, cpu-small
-    # 393 -> 330 ms, cpu-6x384 1936 -> 1618 ms), and at 4-6 layers compiling takes
+    # unrolled: XLA's CPU backend runs a scanned layer stack markedly slower (the
+    # README's Speed section gives the figures), and at 4-6 layers compiling takes
     # seconds either way.
     "char": GPTConfig(
         vocab_size=256, n_ctx=64, n_layer=4, n_head=4, n_embd=128,

@@ -84,3 +84,15 @@ def test_derived_fields():
     banded = GPTConfig(attention_band=8)
     assert [banded.layer_is_banded(i) for i in range(4)] == [False, True, False, True]
     assert dataclasses.replace(cfg, n_inner=100).mlp_width == 100
+
+
+def test_identity_leaves_out_only_how_the_model_is_computed():
+    """A resumed run must match the model's identity; kernels, attention, scan and remat
+    may change (same parameters, same results to rounding)."""
+    from gptjax.config import IMPLEMENTATION_FIELDS
+
+    cfg = preset("cpu-small")
+    other = cfg.replace(kernels="fast", attention="xla", scan_layers=True, remat=True)
+    assert other.identity() == cfg.identity()
+    assert set(cfg.to_dict()) - set(cfg.identity()) == set(IMPLEMENTATION_FIELDS)
+    assert cfg.replace(n_layer=5).identity() != cfg.identity()

@@ -3,6 +3,7 @@ best checkpoint, exact resume, CLI errors. Plus the built-in demo tasks' constru
 
 import inspect
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,20 +13,18 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, Checkpointer
+from gptjax.cli.finetune import main, parse
 from gptjax.config import GPTConfig
+from gptjax.data.tokenizer import ByteTokenizer
 from gptjax.finetune.run import (
     TaskConfig,
-    build_parser,
     format_table,
     load_params,
-    main,
     make_batch_fn,
-    resolve,
     run,
 )
 from gptjax.model import init_params
-from gptjax.data.tokenizer import ByteTokenizer
+from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR, Checkpointer
 from gptjax.train.loop import train
 
 TINY = GPTConfig(vocab_size=261, n_ctx=48, n_layer=1, n_head=2, n_embd=32,
@@ -74,7 +73,7 @@ def sst2_run(tmp_path_factory, pretrained):
     data = _glue_sst2(base / "SST-2")
     out = base / "run"
     args = _args(pretrained, out, "--task", "sst2", "--data-dir", str(data))
-    return data, out, run(resolve(build_parser().parse_args(args)), quiet=True)
+    return data, out, run(parse(args)[1], quiet=True)
 
 
 def test_glue_sst2_end_to_end(sst2_run):
@@ -139,9 +138,9 @@ def test_batch_fn_is_pure_and_visits_each_example_once_per_epoch(pretrained, tmp
 def test_resume_is_exact(tmp_path, pretrained, sst2_run):
     data, _, full = sst2_run
     args_b = _args(pretrained, tmp_path / "cut", "--task", "sst2", "--data-dir", str(data))
-    first = run(resolve(build_parser().parse_args(args_b)), quiet=True, stop_after=4)
+    first = run(parse(args_b)[1], quiet=True, stop_after=4)
     assert first.status == "stopped"
-    resumed = run(resolve(build_parser().parse_args(args_b + ["--resume"])), resume=True,
+    resumed = run(parse(args_b + ["--resume"])[1], resume=True,
                   quiet=True)
     a, b = full.train_result.state["params"], resumed.train_result.state["params"]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
@@ -154,7 +153,8 @@ def test_resume_is_exact(tmp_path, pretrained, sst2_run):
 PARALLEL = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from gptjax.finetune.run import build_parser, resolve, run
+    from gptjax.cli.finetune import parse
+    from gptjax.finetune.run import run
     base, pretrained, data = sys.argv[1:4]
     out = {"devices": jax.device_count()}
     for name, extra in (("one", ["--devices", "1", "--parallel", "jit"]),
@@ -164,7 +164,7 @@ PARALLEL = textwrap.dedent("""
                 "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--log-every", "1",
                 "--async-checkpoint", "false", "--head-dropout", "0", "--task", "sst2",
                 "--data-dir", data, *extra]
-        r = run(resolve(build_parser().parse_args(args)), quiet=True)
+        r = run(parse(args)[1], quiet=True)
         state = r.train_result.state
         np.savez(base + "/" + name + ".npz",
                  *[np.asarray(x) for x in jax.tree_util.tree_leaves(state["params"])])
@@ -222,6 +222,39 @@ def test_cli_help_and_bad_input(tmp_path, pretrained, capsys):
     assert code == 2  # the SST-2 files do not fit RTE: a clear error, no run folder
     assert "do not fit task 'rte'" in capsys.readouterr().err
     assert main(_args(pretrained, tmp_path / "r3", "--lm-coef", "-1")) == 2
+    more = str(jax.local_device_count() + 1)
+    code = main(_args(pretrained, tmp_path / "r4", "--task", "sst2", "--data-dir", str(data),
+                      "--devices", more))
+    assert code == 2 and f"devices={more}" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("r", "r2", "r3", "r4"))
+
+
+def test_help_shows_the_recipe_of_the_model(pretrained, capsys, monkeypatch):
+    """--help resolves the settings first: the cpu recipe for a small --init model (its
+    learning rate, batch and LM weight), the run folder named after the task, and what the
+    epochs decide instead of LoopConfig's 2000 steps."""
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(["--init", str(pretrained), "--task", "sst2", "--help"])
+    text = capsys.readouterr().out
+
+    def help_of(option):  # the option's line and its help, up to the next option or group
+        match = re.search(rf"^ +({re.escape(option)} .*?)(?=\n +-|\n\n|\Z)", text,
+                          re.MULTILINE | re.DOTALL)
+        return " ".join(match.group(1).split())
+
+    assert help_of("--recipe").endswith("(default: cpu)")
+    assert help_of("--lr").endswith("(default: 0.0005)")
+    assert help_of("--batch-size").endswith("(default: 16)")
+    assert help_of("--kernels").endswith("(default: auto)")
+    assert help_of("--out-dir").endswith("(default: runs/finetune-sst2)")
+    assert help_of("--steps").endswith("(default: epochs x full batches per epoch)")
+    assert help_of("--lm-normalization").startswith("--lm-normalization {sequence,token}")
+    with pytest.raises(SystemExit):
+        main(["--init", str(pretrained), "--recipe", "gpt1", "--steps", "7", "--help"])
+    text = capsys.readouterr().out
+    assert help_of("--lr").endswith("(default: 6.25e-05)")
+    assert help_of("--steps").endswith("(default: 7)")
 
 
 def test_checkpoint_whose_tokenizer_lacks_the_special_tokens(tmp_path, capsys):
@@ -302,12 +335,13 @@ def test_demo_tasks_are_deterministic_and_split_by_held_out_text(demo):
     assert held and len(held) < len(docs) // 10
     held_text = " ".join(" ".join(held).split())
     for name in demo.DEMO_SPECS:
-        a = demo.demo_task(name, 60, 40)
-        b = demo.demo_task(name, 60, 40)
+        a = demo.demo_task(name, 60, 40, n_test=30)
+        b = demo.demo_task(name, 60, 40, n_test=30)
         assert a.splits == b.splits
-        for ex in a["validation"]:  # validation text comes from held-out documents only
-            assert ex.text_a in held_text
-        assert len(a["train"]) <= 60 and len(a["validation"]) <= 40
+        for split in ("validation", "test"):  # their text comes from held-out documents only
+            for ex in a[split]:
+                assert ex.text_a in held_text
+        assert len(a["train"]) <= 60 and len(a["validation"]) <= 40 and len(a["test"]) <= 30
     assert demo.demo_name("multiple_choice") == "demo-multiple-choice"
     with pytest.raises(ValueError, match="unknown demo task"):
         demo.demo_name("ranking")
@@ -337,3 +371,94 @@ def test_demo_labels_are_what_the_docstring_says(demo):
     for ex in sim["train"]:
         neighbours = f"{ex.text_a} {ex.text_b}" in flat or f"{ex.text_b} {ex.text_a}" in flat
         assert neighbours == (ex.label == 1)
+
+
+def test_demo_validation_and_test_share_no_document(demo):
+    """The held-out documents are dealt alternately to validation (where an epoch is
+    chosen) and test (where it is reported): no document in both, none of train's, and
+    every text of an example (and of its negatives) from its own split's documents."""
+    docs = demo.documents()
+    by_split = {s: [d for d in docs if d.split == s] for s in ("train", "validation", "test")}
+    assert all(d.held_out == (d.split != "train") for d in docs)
+    held = [d.split for d in docs if d.held_out]
+    assert held == [("validation", "test")[i % 2] for i in range(len(held))]
+    texts = {s: {d.text for d in ds} for s, ds in by_split.items()}
+    assert texts["validation"].isdisjoint(texts["test"])
+    assert texts["train"].isdisjoint(texts["validation"] | texts["test"])
+    flat = {s: " ".join(" ".join(texts[s]).split()) for s in ("validation", "test")}
+    for name in demo.DEMO_SPECS:
+        task = demo.demo_task(name, 30, 40, n_test=40)
+        assert task["validation"] and task["test"]
+        for split in ("validation", "test"):
+            for ex in task[split]:
+                for text in (ex.text_a, ex.text_b, *ex.choices):
+                    if text is not None:
+                        assert text in flat[split], (name, split, text)
+
+
+def _accuracy_of_predictions(path, spec, examples):
+    """Accuracy of a predictions_SPLIT.tsv against the examples' labels, from the file."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    assert [uid for uid, _ in rows] == [ex.uid for ex in examples]
+    return float(np.mean([spec.labels.index(value) == ex.label
+                          for (_, value), ex in zip(rows, examples, strict=True)]))
+
+
+def test_table5_chooses_on_validation_and_reports_test(tmp_path, pretrained, capsys,
+                                                        monkeypatch):
+    """--table5 end to end on a tiny model, one task, two seeds, two epochs: every run's
+    epoch is the first best on validation, the number reported for it is its accuracy
+    on the test split (recomputed here from predictions_test.tsv), and each cell is the
+    mean and sample standard deviation of those numbers. Validation has 24 examples, half
+    of each class, test 21: even a model that always says one class scores differently on
+    the two, so reporting validation instead of test cannot pass."""
+    import functools
+
+    import gptjax.cli.finetune as cli_finetune
+    from gptjax.finetune import run as run_module
+    from gptjax.finetune.demo_tasks import demo_task
+
+    task = "demo-similarity"
+    monkeypatch.setattr(cli_finetune, "table5",
+                        functools.partial(run_module.table5, tasks=(task,)))
+    out = tmp_path / "t5"
+    sizes = ["--demo-train", "32", "--demo-validation", "24", "--demo-test", "21"]
+    args = _args(pretrained, out, "--table5", "--table5-seeds", "2", "--seed", "5",
+                 "--max-length", "48", *sizes)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    data = demo_task(task, 32, 24, n_test=21)
+    spec, test_examples = data.spec, data["test"]
+    summary = json.loads((out / "table5.json").read_text())
+    assert summary["seeds"] == [5, 6]
+    runs = summary["runs"]
+    conditions = [c[0] for c in run_module.TABLE5_CONDITIONS]
+    assert [(r["condition"], r["seed"]) for r in runs] == \
+        [(c, s) for c in conditions for s in (5, 6)]
+    for r in runs:
+        run_dir = Path(r["run_dir"])
+        assert json.loads((run_dir / RUN_CONFIG).read_text())["loop"]["seed"] == r["seed"]
+        results = json.loads((run_dir / "results.json").read_text())
+        val = [e["val_accuracy"] for e in results["epochs"]]
+        assert len(val) == 2 and r["validation_by_epoch"] == val
+        chosen = int(np.argmax(val))  # the first best epoch on validation
+        assert r["chosen_step"] == results["epochs"][chosen]["step"]
+        assert r["validation"] == val[chosen]
+        # the chosen epoch's params (best/) give the recorded validation score ...
+        assert _accuracy_of_predictions(run_dir / "predictions_validation.tsv", spec,
+                                        data["validation"]) == pytest.approx(r["validation"])
+        # ... and the reported number is their accuracy on test, not on validation
+        assert r["test"] == pytest.approx(_accuracy_of_predictions(
+            run_dir / "predictions_test.tsv", spec, test_examples))
+        assert r["n_test"] == len(test_examples) == 21
+        share_same = np.mean([ex.label for ex in test_examples])
+        assert r["test_chance"] == pytest.approx(max(share_same, 1 - share_same))
+    table = (out / "table5.md").read_text()
+    assert table.strip() in printed
+    row = next(line for line in table.splitlines() if line.startswith(f"| {task} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == [task, "accuracy", "21"]
+    for label, cell in zip(conditions, cells[4:], strict=True):
+        scores = [r["test"] for r in runs if r["condition"] == label]
+        assert cell == f"{np.mean(scores):.3f} ± {np.std(scores, ddof=1):.3f}"
+    assert "sample standard deviation (ddof 1) over 2 seeds" in table

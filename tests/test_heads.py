@@ -66,8 +66,8 @@ def test_similarity_head_is_order_invariant():
 def test_similarity_model_output_unchanged_when_a_and_b_swap():
     """End to end: the transformation plus the head give the same output for (A, B), (B, A)."""
     cfg = GPTConfig(vocab_size=40, n_ctx=16, n_layer=1, n_head=2, n_embd=16)
-    from gptjax.model import init_params
     from gptjax.finetune.transforms import make_predict_fn
+    from gptjax.model import init_params
 
     sp = SpecialIds(36, 37, 38, 39)
     enc = lambda s: [ord(c) - 97 for c in s]  # noqa: E731
@@ -196,8 +196,8 @@ def test_parity_with_hf_double_heads(gpt2):
     with torch.no_grad():
         out = model(ids, mc_token_ids=mc_ids, labels=lm_labels, mc_labels=mc_labels)
 
-    from gptjax.model import logits
     from gptjax.finetune.transforms import apply_head, task_hidden
+    from gptjax.model import logits
 
     head = MultipleChoiceHead()
     h = task_hidden(params["gpt"], batch, cfg)

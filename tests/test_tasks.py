@@ -7,7 +7,6 @@ import pytest
 
 from gptjax.config import GPTConfig
 from gptjax.finetune.heads import init_head, make_head
-from gptjax.model import init_params, token_nll
 from gptjax.finetune.transforms import (
     Example,
     SpecialIds,
@@ -23,6 +22,7 @@ from gptjax.finetune.transforms import (
     similarity_sequences,
     task_hidden,
 )
+from gptjax.model import init_params, token_nll
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -236,13 +236,43 @@ def test_lm_loss_ignores_padding_and_never_predicts_start():
     assert np.isfinite(float(lm_loss_on_tasks(params["gpt"], h2, changed)))
 
 
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def test_l3_is_l2_plus_lambda_l1_and_zero_lambda_disables():
+    """L3 against an independent computation: each sequence cut to its real tokens and run
+    through the model alone; L1 = the mean over sequences of each one's mean next-token
+    NLL, L2 = the cross-entropy of the softmax over the answers' scores w . h_extract + b,
+    both in float64 NumPy."""
+    from gptjax.model import forward, logits
+
     head, params = _params()
     batch = _mc_batch()
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+    kernel = np.asarray(params["head"]["score"]["kernel"], np.float64)[:, 0]
+    bias = float(params["head"]["score"]["bias"][0])
+    nlls, l2 = [], []
+    for b in range(tokens.shape[0]):
+        scores = []
+        for c in range(tokens.shape[1]):
+            n = int(mask[b, c].sum())
+            row = jnp.asarray(tokens[b, c, :n][None])
+            h = forward(params["gpt"], row, CFG)
+            logp = _log_softmax(np.asarray(logits(params["gpt"], h), np.float64)[0])
+            nlls.append(-np.mean(logp[np.arange(n - 1), tokens[b, c, 1:n]]))
+            scores.append(np.asarray(h, np.float64)[0, int(batch["extract"][b, c])] @ kernel
+                          + bias)
+        l2.append(-_log_softmax(np.array(scores))[int(batch["labels"][b])])
+    l1, l2 = np.mean(nlls), np.mean(l2)
+
     l3, m = make_loss_fn(CFG, head, "multiple_choice", lm_coef=0.5)(params, batch, None)
-    np.testing.assert_allclose(l3, m["task_loss"] + 0.5 * m["lm_loss"], rtol=1e-6)
-    l2, m0 = make_loss_fn(CFG, head, "multiple_choice", lm_coef=0.0)(params, batch, None)
-    np.testing.assert_allclose(l2, m["task_loss"], rtol=1e-6)
+    np.testing.assert_allclose(float(m["lm_loss"]), l1, rtol=1e-5)
+    np.testing.assert_allclose(float(m["task_loss"]), l2, rtol=1e-5)
+    np.testing.assert_allclose(float(l3), l2 + 0.5 * l1, rtol=1e-5)
+    l3_0, m0 = make_loss_fn(CFG, head, "multiple_choice", lm_coef=0.0)(params, batch, None)
+    np.testing.assert_allclose(float(l3_0), l2, rtol=1e-5)
     assert float(m0["lm_loss"]) == 0.0
     with pytest.raises(ValueError, match="lm_coef"):
         make_loss_fn(CFG, head, "multiple_choice", lm_coef=-1.0)

@@ -1,6 +1,7 @@
 """train.py end to end: a real run, SIGTERM and SIGKILL mid-run, and every bad input."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pydoc_data.topics import topics
 import numpy as np
 import pytest
 
+from gptjax.cli.train import main
 from gptjax.train.checkpoint import Checkpointer, load_run
-from gptjax.train.pretrain import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,12 +238,120 @@ def test_bad_settings(corpus, tmp_path, capsys):
         main(args + ["--n-layer", "two"])
 
 
+def bad_setting(problem, tmp_path):
+    """(extra arguments, a fragment of the message) for a setting that fails a check."""
+    import jax
+
+    more = jax.local_device_count() + 1
+    return {
+        "devices": (["--batch-size", "7", "--devices", str(more)], f"devices={more}"),
+        "mesh": (["--mesh", f"data={more}"], f"mesh 'data={more}'"),
+        "batch": (["--batch-size", "7", "--grad-accum", "2"], "grad_accum=2"),
+        "data": (["--data", str(tmp_path / "nowhere.txt")], "nowhere.txt"),
+        "tokenizer": (["--tokenizer", str(tmp_path / "no-tokenizer")], "no-tokenizer"),
+        "prompt": (["--sample-prompt", "x" * 40], "sample_prompt"),
+    }[problem]
+
+
+@pytest.mark.parametrize("problem", ["devices", "mesh", "batch", "data", "tokenizer", "prompt"])
+def test_bad_input_writes_nothing(corpus, tmp_path, capsys, problem):
+    """Every check runs before anything is written: exit 2, a message naming the problem,
+    and no run folder, no token cache, no compilation cache afterwards (issue 12)."""
+    out, cache, compiled = tmp_path / "run", tmp_path / "cache", tmp_path / "compiled"
+    extra, message = bad_setting(problem, tmp_path)
+    args = base_args(corpus, cache, out) + ["--compile-cache", str(compiled)] + extra
+    expect_error(capsys, args, message)
+    assert not out.exists() and not cache.exists() and not compiled.exists()
+
+
+def test_bad_input_from_the_command_line_writes_nothing(corpus, tmp_path):
+    """The issue's example, as a user types it: train.py with two devices on one."""
+    import jax
+
+    out = tmp_path / "x"
+    more = str(jax.local_device_count() + 1)
+    proc = run_cli(["--preset", "char", "--batch-size", "7", "--devices", more,
+                    "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2 and f"devices={more}" in err, err[-2000:]
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def help_text(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_help(text: str, option: str) -> str:
+    """The help of one option (its metavar first), up to the next option or group, with
+    argparse's line breaks undone."""
+    match = re.search(rf"^ +{re.escape(option)} (.*?)(?=\n +-|\n\n|\Z)", text,
+                      re.MULTILINE | re.DOTALL)
+    assert match, option
+    return " ".join(match.group(1).split())
+
+
+@pytest.fixture(autouse=True)
+def wide_help(monkeypatch):
+    """No line breaks inside words (argparse breaks "cpu-small" at its hyphen)."""
+    monkeypatch.setenv("COLUMNS", "400")
+
+
 def test_help_documents_every_option(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    text = capsys.readouterr().out
+    text = help_text(capsys, ["--help"])
     for option in ("--n-layer", "--lr", "--warmup-steps", "--batch-size", "--grad-accum",
                    "--tokenizer", "--data", "--resume", "--overwrite", "--config",
-                   "--attention-band", "--tensorboard", "--keep"):
+                   "--attention-band", "--tensorboard", "--keep", "--kernels"):
         assert option in text
     assert "MLP hidden width" in text  # the field comments become help text
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "(default: 50257)" not in text  # GPTConfig's own vocab_size is not what runs
+    # the cpu-small preset (the default) and its recipe, not the dataclass defaults
+    assert option_help(text, "--n-embd").endswith("(default: 192)")
+    assert option_help(text, "--steps").endswith("(default: 600)")
+    assert option_help(text, "--out-dir").endswith("(default: runs/cpu-small)")
+    assert option_help(text, "--kernels").endswith("(default: auto)")  # train.py's choice
+    # enumerated settings list their choices
+    for option, choices in (("--activation", "{gelu_tanh,gelu,relu}"), ("--norm", "{post,pre}"),
+                            ("--dtype", "{float32,bfloat16,float16}"),
+                            ("--kernels", "{reference,fast,auto}"),
+                            ("--attention", "{auto,xla,cudnn}"),
+                            ("--schedule", "{cosine,linear,constant}"),
+                            ("--parallel", "{auto,pmap,jit,mesh}"),
+                            ("--tokenizer", "{bpe,char,byte,PATH}")):
+        assert option_help(text, option).startswith(choices), option
+    assert "cpu-small, gpt1-tiny" in option_help(text, "--preset")
+
+
+def test_help_shows_what_the_chosen_preset_and_files_use(capsys, tmp_path):
+    text = help_text(capsys, ["--preset", "char", "--help"])
+    expected = {"--n-layer": "4", "--n-embd": "128", "--n-ctx": "64", "--lr": "0.001",
+                "--warmup-steps": "100", "--batch-size": "12", "--steps": "2000",
+                "--b2": "0.99", "--scan-layers": "false", "--attn-pdrop": "0.0",
+                "--preset": "char", "--out-dir": "runs/char"}
+    for option, value in expected.items():
+        assert option_help(text, option).endswith(f"(default: {value})"), option
+    assert "(default: the size of the char tokenizer" in option_help(text, "--vocab-size")
+    assert "(default" not in option_help(text, "--n-inner")  # None: the comment says
+    # a config file and the options given come above the preset
+    settings = tmp_path / "s.toml"
+    settings.write_text('preset = "gpt2"\n[model]\nn_layer = 3\n')
+    text = help_text(capsys, ["--config", str(settings), "--lr", "3e-4", "-h"])
+    assert option_help(text, "--n-layer").endswith("(default: 3)")
+    assert option_help(text, "--n-embd").endswith("(default: 768)")  # gpt2's
+    assert option_help(text, "--lr").endswith("(default: 0.0003)")
+    assert option_help(text, "--tokenizer").endswith("(default: bpe)")
+
+
+def test_options_parse_as_before():
+    from gptjax.cli.train import parse
+
+    options, settings = parse(["--overwrite", "--out-dir", "r", "--scan-layers", "false",
+                               "--no-async-checkpoint", "--n-inner", "none", "--quiet"])
+    assert options.overwrite and options.quiet and not options.resume
+    assert settings.model.scan_layers is False and settings.loop.async_checkpoint is False
+    assert settings.model.n_inner is None and settings.out_dir == Path("r")
+    with pytest.raises(SystemExit):
+        parse(["--norm", "sideways"])  # not one of the choices: argparse's exit 2

@@ -5,61 +5,69 @@
     python -m gptjax.cli.sample --run ./gpt2 --prompt "Hello" --top-p 0.9
 
 The text is written to stdout as the tokens are produced (the prompt first, then the
-continuation). The model-and-text core is `stream_text(cfg, params, tokenizer, prompt, ...)`,
-and `load_model(path)` is the loader both CLIs share.
+continuation). The model-and-text core is `stream_text(cfg, params, tokenizer, prompt, ...)`;
+the model comes from `gptjax.loading.load_model`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
+from gptjax.cli import settings as cli
 from gptjax.config import GPTConfig
 from gptjax.generate import stream
+from gptjax.loading import CHECKPOINTS, load_model, start_token
 from gptjax.model import Params
 
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | Path):
-    """(cfg, params, tokenizer) from a folder.
+@dataclass(frozen=True)
+class SampleConfig:
+    """What to sample from, and how."""
 
-    A folder whose config.json names a "model_type" is a Hugging Face gpt2 / openai-gpt
-    checkpoint: `gptjax.hf.load_pretrained` and the tokenizer files beside it (tokenizer.json,
-    or vocab.json + merges.txt; no special tokens are added, so every id has an embedding
-    row). Anything else is a train.py / finetune.py run folder (`checkpoint.load_run`); a
-    fine-tuning run's {"gpt": ..., "head": ...} params give the language model's part.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder: {folder}")
-    config = folder / "config.json"
-    if config.is_file() and "model_type" in json.loads(config.read_text(encoding="utf-8")):
-        from gptjax.hf import load_pretrained
-        from gptjax.data.tokenizer import load_tokenizer
+    # A train.py / finetune.py run folder, or a Hugging Face gpt2 / openai-gpt folder.
+    run: str
+    # Which checkpoint of a run folder: the newest, or the one of lowest validation loss.
+    checkpoint: str = "latest"
+    # Text to continue ("" = start from <eos>).
+    prompt: str = ""
+    # Read the prompt from this file instead.
+    prompt_file: str = ""
+    # Tokens to generate (None: 200, or what the context has room for).
+    max_new_tokens: int | None = None
+    # Sampling temperature (0 = greedy).
+    temperature: float = 1.0
+    # Sample from the k most likely tokens (None: all).
+    top_k: int | None = None
+    # Sample from the smallest set of tokens of at least this probability mass (None: all).
+    top_p: float | None = None
+    # Seed of the first sample; sample i uses seed + i.
+    seed: int = 0
+    # Samples to write.
+    num_samples: int = 1
+    # Stop a sample at <eos> (--no-stop: go on to max_new_tokens).
+    stop: bool = True
 
-        cfg, params = load_pretrained(folder)
-        return cfg, params, load_tokenizer(folder, add_missing_specials=False)
-    from gptjax.train.checkpoint import load_run
-
-    cfg, params, tokenizer = load_run(folder)
-    if "wte" not in params and "gpt" in params:
-        params = params["gpt"]
-    return cfg, params, tokenizer
+    def __post_init__(self):
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1")
 
 
-def start_token(tokenizer, cfg: GPTConfig) -> int | None:
-    """The id that starts (and ends) a document: the tokenizer's <eos> (GPT-2's
-    <|endoftext|>, gptjax's document separator) when the model has a row for it, else None
-    (GPT-1's vocabulary has none)."""
-    eos = (getattr(tokenizer, "special_tokens", None) or {}).get("<eos>")
-    return eos if eos is not None and eos < cfg.vocab_size else None
+COMMAND = cli.Command(
+    prog="python -m gptjax.cli.sample",
+    description="Stream a sample from a trained run or a Hugging Face folder.",
+    sections={"sample": SampleConfig},
+    choices={"checkpoint": CHECKPOINTS},
+)
 
 
 def stream_text(
@@ -115,52 +123,36 @@ def stream_text(
         yield text[len(written):]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptjax.cli.sample",
-                                description="Stream a sample from a trained or HF model.")
-    p.add_argument("--run", required=True,
-                   help="a train.py run folder, or a Hugging Face gpt2/openai-gpt folder")
-    p.add_argument("--prompt", default="", help="text to continue (default: from <eos>)")
-    p.add_argument("--prompt-file", help="read the prompt from this file instead")
-    p.add_argument("--max-new-tokens", type=int,
-                   help="tokens to generate (default: 200, or what the context has room for)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample from the nucleus of this mass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="samples, with seeds seed, seed+1..")
-    p.add_argument("--no-stop", action="store_true", help="do not stop at <eos>")
-    return p
+def parse(argv: Sequence[str] | None = None) -> SampleConfig:
+    def resolve(options, command_line):
+        return cli.resolve(COMMAND.sections, command_line=command_line, config=options.config)
+
+    return COMMAND.parse(argv, resolve)[1].sections["sample"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gptjax.cli.settings import main_wrapper
-
-    return main_wrapper(_main, argv)
+    return cli.main_wrapper(_main, argv)
 
 
 def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    prompt = args.prompt
-    if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    cfg, params, tokenizer = load_model(args.run)
-    max_new_tokens = args.max_new_tokens
+    settings = parse(argv)
+    prompt = settings.prompt
+    if settings.prompt_file:
+        prompt = Path(settings.prompt_file).read_text(encoding="utf-8")
+    cfg, params, tokenizer = load_model(settings.run, checkpoint=settings.checkpoint)
+    max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = max(1, min(200, cfg.n_ctx - max(1, len(tokenizer.encode(prompt)))))
     out = sys.stdout
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} (seed {args.seed + i}) ---\n")
+    for i in range(settings.num_samples):
+        seed = settings.seed + i
+        if settings.num_samples > 1:
+            out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} (seed {seed}) ---\n")
         out.write(prompt)
         out.flush()
-        for piece in stream_text(cfg, params, tokenizer, prompt,
-                                 max_new_tokens=max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed + i,
-                                 stop_at_eos=not args.no_stop):
+        for piece in stream_text(cfg, params, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                 temperature=settings.temperature, top_k=settings.top_k,
+                                 top_p=settings.top_p, seed=seed, stop_at_eos=settings.stop):
             out.write(piece)
             out.flush()
         out.write("\n")

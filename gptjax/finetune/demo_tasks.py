@@ -10,8 +10,10 @@ never from a judgement, so each task is honest about what it measures:
                           `ast` node that holds it: "module", "class" or "function"
                           (methods count as functions). Up to a third of the
                           examples per class; the held-out text has only 30 module
-                          docstrings, so the default validation split is 30 / 100 /
-                          100 and the majority-class rate, 0.43, is the bar to beat.
+                          docstrings, 14 of them in the validation documents and 16
+                          in the test documents, so the default validation split is
+                          14 / 52 / 100 and the test split 16 / 52 / 100: the
+                          majority-class rate (about 0.6) is the bar to beat.
     demo-entailment       order. premise A, hypothesis B, from a pair of neighbouring
                           sentences of one document: B is the sentence right after A
                           ("follows"), right before A ("precedes": the pair swapped),
@@ -28,12 +30,17 @@ never from a judgement, so each task is honest about what it measures:
                           sentence that follows and three sentences of other
                           documents, in a random order. Chance: 1/4.
 
-Splits. The validation examples come only from documents that lie wholly in the
-last 5% of the corpus (by characters), which is exactly the text `train.py`
-holds out for validation with its default `--val-fraction 0.05`; the training
-examples come only from the other documents, and wrong answers (negatives,
-distractors) are drawn from the same split. So a model pre-trained by
-`python train.py` has never been trained on a validation example's text.
+Splits. The held-out documents are those that lie wholly in the last 5% of the
+corpus (by characters), which is exactly the text `train.py` holds out for
+validation with its default `--val-fraction 0.05`. They are dealt alternately, in
+corpus order, to two splits: "validation" (the 1st, 3rd, 5th ... held-out
+document), on which a fine-tuning run chooses its best epoch, and "test" (the 2nd,
+4th ...), on which a result chosen on validation is reported; no document is in
+both. Training examples come only from the other documents, and wrong answers
+(negatives, distractors) are drawn from the example's own split. So a model
+pre-trained by `python train.py` has never been trained on a validation or test
+example's text. The held-out text gives about 290 neighbouring-sentence pairs,
+about 145 per split, which caps the sentence tasks' validation and test sizes.
 Everything is deterministic: the same examples for the same Python and seed.
 
 Sentences are found by a simple rule (a '.', '!' or '?' followed by white space
@@ -76,7 +83,8 @@ DEMO_SPECS: dict[str, TaskSpec] = {
         n_choices=4, description="the true next sentence among four"),
 }
 KIND_TO_DEMO = {spec.kind: name for name, spec in DEMO_SPECS.items()}
-DEFAULT_SIZES = {"train": 1200, "validation": 300}
+DEFAULT_SIZES = {"train": 1200, "validation": 300, "test": 300}
+SPLITS = tuple(DEFAULT_SIZES)
 
 _SKIP_PARTS = {"test", "tests", "idle_test", "site-packages"}
 _SKIP_TOP = {"encodings", "pydoc_data"}
@@ -88,6 +96,7 @@ class Document:
     text: str
     kind: str  # "topic", "module", "class", "function"
     held_out: bool  # wholly inside train.py's validation text
+    split: str  # "train" (not held out), else "validation" or "test", alternately
 
 
 def _definitions(tree: ast.Module):
@@ -137,16 +146,20 @@ def _docstring_kinds() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def documents() -> tuple[Document, ...]:
-    """The built-in corpus as Documents: kind from the ast walk, held-out flag by position."""
+    """The built-in corpus as Documents: kind from the ast walk, held-out flag and split by
+    position (held-out documents alternate between validation and test)."""
     from gptjax.data.corpus import builtin_corpus
 
     corpus = builtin_corpus()
     kinds = _docstring_kinds()
     total = sum(len(t) for t in corpus)
     cut = total - int(np.ceil(VAL_FRACTION * total))  # train.py's train/val boundary
-    out, start = [], 0
+    out, start, n_held_out = [], 0, 0
     for text in corpus:
-        out.append(Document(text, kinds.get(text, "topic"), start >= cut))
+        held_out = start >= cut
+        split = ("validation", "test")[n_held_out % 2] if held_out else "train"
+        n_held_out += held_out
+        out.append(Document(text, kinds.get(text, "topic"), held_out, split))
         start += len(text)
     return tuple(out)
 
@@ -176,12 +189,12 @@ def _first_paragraph(text: str, max_words: int = 40) -> str:
     return " ".join(words[:max_words])
 
 
-def _split_docs(held_out: bool) -> list[Document]:
-    return [d for d in documents() if d.held_out == held_out]
+def _split_docs(split: str) -> list[Document]:
+    return [d for d in documents() if d.split == split]
 
 
-def _classification(held_out, n, rng) -> list[Example]:
-    docs = _split_docs(held_out)
+def _classification(split, n, rng) -> list[Example]:
+    docs = _split_docs(split)
     labels = DEMO_SPECS["demo-classification"].labels
     by_kind = {k: [d for d in docs if d.kind == k] for k in labels}
     examples = []
@@ -193,11 +206,11 @@ def _classification(held_out, n, rng) -> list[Example]:
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
-@functools.lru_cache(maxsize=2)
-def _sentence_table(held_out: bool):
+@functools.lru_cache(maxsize=len(SPLITS))
+def _sentence_table(split: str):
     """Per document of the split with any kept sentence: its sentence list (None where
     text was left out)."""
-    table = [sentences(d.text) for d in _split_docs(held_out)]
+    table = [sentences(d.text) for d in _split_docs(split)]
     return [s for s in table if any(x is not None for x in s)]
 
 
@@ -215,8 +228,8 @@ def _other_sentence(table, doc_index, rng) -> str:
             return kept[int(rng.integers(len(kept)))]
 
 
-def _entailment(held_out, n, rng) -> list[Example]:
-    table = _sentence_table(held_out)
+def _entailment(split, n, rng) -> list[Example]:
+    table = _sentence_table(split)
     pairs = _adjacent_pairs(table)
     examples = []
     for k, idx in enumerate(rng.permutation(len(pairs))[:n]):
@@ -232,8 +245,8 @@ def _entailment(held_out, n, rng) -> list[Example]:
     return examples
 
 
-def _similarity(held_out, n, rng) -> list[Example]:
-    table = _sentence_table(held_out)
+def _similarity(split, n, rng) -> list[Example]:
+    table = _sentence_table(split)
     pairs = _adjacent_pairs(table)
     examples = []
     for k, idx in enumerate(rng.permutation(len(pairs))[:n]):
@@ -248,8 +261,8 @@ def _similarity(held_out, n, rng) -> list[Example]:
     return examples
 
 
-def _multiple_choice(held_out, n, rng) -> list[Example]:
-    table = _sentence_table(held_out)
+def _multiple_choice(split, n, rng) -> list[Example]:
+    table = _sentence_table(split)
     pairs = _adjacent_pairs(table)
     examples = []
     for idx in rng.permutation(len(pairs))[:n]:
@@ -285,17 +298,17 @@ def demo_name(name_or_kind: str) -> str:
 
 
 def demo_task(name_or_kind: str, n_train: int | None = None, n_val: int | None = None,
-              seed: int = 0) -> TaskData:
-    """A built-in task's train and validation splits (at most n_train / n_val examples;
-    classification may give fewer, to keep its three classes balanced)."""
+              seed: int = 0, n_test: int | None = None) -> TaskData:
+    """A built-in task's train, validation and test splits (at most n_train / n_val /
+    n_test examples, None for the defaults; fewer where the held-out text runs out, and
+    classification may give fewer to keep its three classes balanced)."""
     name = demo_name(name_or_kind)
     build = _BUILDERS[name]
-    sizes = {"train": n_train or DEFAULT_SIZES["train"],
-             "validation": n_val or DEFAULT_SIZES["validation"]}
+    sizes = {"train": n_train, "validation": n_val, "test": n_test}
     splits = {}
-    for split, held_out in (("train", False), ("validation", True)):
-        rng = np.random.default_rng([seed, int(held_out)])
-        examples = build(held_out, sizes[split], rng)
+    for index, split in enumerate(SPLITS):  # the rng of split i: (seed, i)
+        rng = np.random.default_rng([seed, index])
+        examples = build(split, sizes[split] or DEFAULT_SIZES[split], rng)
         if not examples:
             raise ValueError(f"{name}: the built-in corpus gave no {split} examples")
         splits[split] = examples

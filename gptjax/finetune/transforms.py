@@ -471,9 +471,10 @@ def lm_loss_on_tasks(gpt_params: dict, h: jax.Array, batch: dict,
     return (per_seq * present).sum() / jnp.maximum(present.sum(), 1.0)
 
 
-def predictions(kind: str, outputs: jax.Array, regression: bool = False) -> jax.Array:
-    """Predicted class / choice index, or the score itself for regression."""
-    return outputs if regression else jnp.argmax(outputs, axis=-1)
+def predictions(outputs, regression: bool = False):
+    """What the head's outputs predict: the class or choice index (the argmax over the last
+    axis) or, for regression, the score itself. NumPy or JAX arrays alike."""
+    return outputs if regression else outputs.argmax(-1)
 
 
 def make_loss_fn(cfg: GPTConfig, head, kind: str, *, lm_coef: float = 0.5,
