@@ -1,7 +1,7 @@
 """Evaluation by likelihood: perplexity, bits per byte, zero- and few-shot tasks.
 
-    python -m gptjax.evaluate --run RUN_OR_HF_FOLDER --task perplexity --data text.txt
-    python -m gptjax.evaluate --run gpt2/ --task storycloze --data cloze_test_val.csv \\
+    python -m gptjax.cli.evaluate --run RUN_OR_HF_FOLDER --task perplexity --data text.txt
+    python -m gptjax.cli.evaluate --run gpt2/ --task storycloze --data cloze_test_val.csv \\
         --train cloze_train.csv --k 5 --json results.json
 
 Everything rests on one jitted scorer: given token rows and a mask of the tokens to score,
@@ -17,10 +17,21 @@ Tasks, as GPT-1/2/3 evaluate them:
                when every token of " word" is the model's argmax (GPT-2's LAMBADA metric).
   storycloze   ROCStories / Story Cloze CSV; pick the ending with the higher likelihood.
   race         RACE JSON; pick the option with the higher likelihood given article+question.
+               A fill-in-the-blank question ("The passage is mainly about _ .") puts each
+               option in the blank: the context is the article and the words before the
+               blank, the scored continuation the option and the words after it
+               (`gptjax.finetune.readers.race_example` says why).
   jsonl        generic multiple choice, one {"context", "choices", "label"} object a line.
   cola, sst2   GPT-1's zero-shot heuristics (section 5): CoLA by thresholding the average
                token log-probability of the sentence; SST-2 by appending " very" and
                comparing P(" positive") with P(" negative").
+  wsc          Winograd schemas (WSC273 XML, DPR text, JSON lines; formats in
+               `gptjax.finetune.readers`), GPT-1's heuristic for DPRD (section 5) from
+               Trinh & Le 2018: put each candidate in the pronoun's place and pick the one
+               under which the rest of the sentence after it is likelier ("partial"
+               scoring, `accuracy_partial`), or the whole sentence is ("full" scoring,
+               `accuracy_full` by the sum, `accuracy_full_mean` by the per-token mean).
+               Zero-shot only; the prompt settings do not apply.
 
 Multiple choice reports two accuracies: by the summed log-probability of each choice
 (`accuracy`) and by its per-token mean (`accuracy_mean`, GPT-1's heuristic for RACE and
@@ -30,13 +41,10 @@ training split, each written with the template, joined by the separator, before 
 
 from __future__ import annotations
 
-import argparse
-import codecs
 import dataclasses
 import functools
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +54,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.finetune import readers as task_data
 from gptjax.config import GPTConfig
+from gptjax.finetune import readers as task_data
 from gptjax.finetune.metrics import matthews
-from gptjax.model import Params, forward, logits
-from gptjax.cli.sample import load_model, start_token
+from gptjax.finetune.readers import WinogradSchema
 from gptjax.finetune.transforms import Example
+from gptjax.loading import start_token
+from gptjax.model import Params, forward, logits
 
-TASKS = ("perplexity", "lambada", "storycloze", "race", "jsonl", "cola", "sst2")
+TASKS = ("perplexity", "lambada", "storycloze", "race", "jsonl", "cola", "sst2", "wsc")
 
 
 # ----------------------------------------------------------------------------- the scorer
@@ -192,7 +201,7 @@ def evaluate_text(
 ) -> dict[str, float]:
     """Perplexity per token and bits per UTF-8 byte of `text`.
 
-    With a start token (see `gptjax.sample.start_token`) it is prepended so that every
+    With a start token (see `gptjax.loading.start_token`) it is prepended so that every
     token of the text is scored and the bytes are the text's; without one the first token
     is context only and its bytes are not counted.
     """
@@ -394,6 +403,84 @@ def sst2_items(examples: Sequence[Example]) -> list[Example]:
     return [Example(x.text_a, choices=SST2_CHOICES, label=x.label) for x in examples]
 
 
+# ----------------------------------------------------------------------------- Winograd
+
+
+# The pronouns after which a candidate takes "'s" ("his" -> "the man's"). "her" is
+# also an object pronoun; it is taken as possessive, as lm-evaluation-harness's WSC273 does.
+POSSESSIVE_PRONOUNS = ("my", "his", "her", "its", "our", "their")
+# A candidate starting with one of these is lower-cased inside a sentence ("The trophy").
+_LOWERED_INSIDE = ("A", "An", "The", "He", "She", "It", "They", "My", "His", "Her", "Its",
+                   "Our", "Their")
+
+
+def substitute(item: WinogradSchema, candidate: str) -> tuple[str, str]:
+    """(the sentence up to the pronoun with the candidate in its place, the rest after it).
+
+    Example: "The trophy doesn't fit in the suitcase because it is too big.", pronoun
+    "it", candidate "The trophy" ->
+        ("The trophy doesn't fit in the suitcase because the trophy", " is too big.")
+    The candidate is written as the sentence needs it: after a possessive pronoun it takes
+    "'s"; a leading article or pronoun is lower-cased inside a sentence; at the start of a
+    sentence its first letter is upper-cased.
+    """
+    before = item.text[: item.pronoun_at]
+    rest = item.text[item.pronoun_at + len(item.pronoun):]
+    word = candidate.strip()
+    if item.pronoun.lower() in POSSESSIVE_PRONOUNS and not word.endswith(("'s", "s'")):
+        word += "'" if word.endswith("s") else "'s"  # "the demonstrators'", "the man's"
+    first, space, tail = word.partition(" ")
+    if not before.strip() or before.rstrip()[-1] in ".!?":
+        word = word[:1].upper() + word[1:]
+    elif first in _LOWERED_INSIDE:
+        word = first.lower() + space + tail
+    return before + word, rest
+
+
+def wsc_requests(tokenizer, cfg: GPTConfig, items: Sequence[WinogradSchema]):
+    """(full, partial) requests, two per item (candidate 0, then 1) in item order.
+
+    full: the whole sentence with the candidate substituted, from the start token (see
+    `_item_requests`). partial: the rest of the sentence after the substitution, given the
+    sentence up to and including the candidate; the rest is the same text for both
+    candidates, so only its conditioning differs.
+    """
+    full, partial = [], []
+    for item in items:
+        for candidate in item.candidates:
+            head, rest = substitute(item, candidate)
+            full += _item_requests(tokenizer, cfg, "", [head + rest])
+            partial.append((tokenizer.encode(head), tokenizer.encode(rest)))
+    return full, partial
+
+
+def wsc_metrics(items: Sequence[WinogradSchema], full: Scores, partial: Scores) -> dict:
+    """Accuracies from the scores of `wsc_requests`' requests: partial scoring by the mean
+    log-probability of the rest (GPT-1's "average token log-probability"; the rest's tokens
+    are the same for both candidates, so the sum ranks alike), full scoring by the sum
+    (Trinh & Le's sentence probability) and by the per-token mean. A tie picks candidate 0."""
+    labels = _labels(items)
+
+    def accuracy(values: np.ndarray) -> float:
+        return float(np.mean(values.reshape(-1, 2).argmax(-1) == labels))
+
+    return {"n": len(items), "accuracy_partial": accuracy(partial.mean_logprob),
+            "accuracy_full": accuracy(full.logprob),
+            "accuracy_full_mean": accuracy(full.mean_logprob)}
+
+
+def evaluate_wsc(
+    params: Params, cfg: GPTConfig, tokenizer, items: Sequence[WinogradSchema], *,
+    max_tokens: int = 2048,
+) -> dict[str, float]:
+    """Winograd schemas by substitution, partial and full scoring (see `wsc_metrics`)."""
+    full, partial = wsc_requests(tokenizer, cfg, items)
+    s = score_requests(params, cfg, full + partial, max_tokens=max_tokens)
+    n = len(full)
+    return wsc_metrics(items, Scores(s.logprob[:n], s.n_tokens[:n], s.greedy[:n]),
+                       Scores(s.logprob[n:], s.n_tokens[n:], s.greedy[n:]))
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -423,17 +510,19 @@ def read_lambada(path: str | Path) -> list[Example]:
 JSONL_COLUMNS = {"context": "context", "choices": "choices", "label": "label"}
 
 
-def read_task(task: str, path: str | Path) -> list[Example]:
+def read_task(task: str, path: str | Path) -> list[Example] | list[WinogradSchema]:
     """The examples of a task file, by the project's readers (gptjax.finetune.readers):
-    storycloze CSV, race JSON (file or folder), GLUE cola / sst2 TSV, JSON-lines multiple
-    choice with "context", "choices" (a list) and "label" (the right choice's index), and
-    LAMBADA passages."""
+    storycloze CSV, race JSON (file or folder; blanks filled), GLUE cola / sst2 TSV,
+    JSON-lines multiple choice with "context", "choices" (a list) and "label" (the right
+    choice's index), LAMBADA passages, and Winograd schemas (WinogradSchema items)."""
     if task == "lambada":
         return read_lambada(path)
     if task == "storycloze":
         return task_data.read_story_cloze(path)
     if task == "race":
-        return task_data.read_race(path)
+        return task_data.read_race(path, fill_blanks=True)
+    if task == "wsc":
+        return task_data.read_winograd(path)
     if task in ("cola", "sst2"):
         return task_data.read_glue(task, path)
     if task == "jsonl":
@@ -485,6 +574,11 @@ def run_task(
         return _run_perplexity(params, cfg, tokenizer, data, limit=limit, stride=stride,
                                max_tokens=max_tokens, token_dtype=token_dtype, split=split)
     items = read_task(task, data)[:limit] if limit else read_task(task, data)
+    if task == "wsc":
+        if fmt.k or train is not None:
+            raise ValueError("wsc is zero-shot (GPT-1's substitution heuristic): it takes "
+                             "no --k and no --train")
+        return evaluate_wsc(params, cfg, tokenizer, items, max_tokens=max_tokens)
     train_items = read_task(task, train) if train is not None else []
     if fmt.k and not train_items:
         raise ValueError(f"k={fmt.k} needs a training split to draw examples from (--train)")
@@ -526,63 +620,3 @@ def format_table(task: str, metrics: dict[str, Any]) -> str:
     lines = [f"{task:<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gptjax.evaluate",
-        description="Perplexity, bits per byte, and zero-/few-shot evaluation by likelihood.")
-    p.add_argument("--run", required=True,
-                   help="a train.py run folder, or a Hugging Face gpt2/openai-gpt folder")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True,
-                   help="the evaluation file (text, token folder/.npy/.bin, CSV, JSON, TSV)")
-    p.add_argument("--train", help="training split to draw few-shot examples from "
-                                   "(and to fit CoLA's threshold on)")
-    p.add_argument("--k", type=int, default=0, help="in-context examples (0 = zero-shot)")
-    p.add_argument("--separator", default="\\n\\n", help="between examples (escapes allowed)")
-    p.add_argument("--template", default="{context}", help="how an item's context is written")
-    p.add_argument("--choice-template", default=" {choice}", help="how a choice is written")
-    p.add_argument("--description", default="", help="task description put first")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the example draws")
-    p.add_argument("--limit", type=int, help="evaluate the first N items (or characters)")
-    p.add_argument("--stride", type=int, help="perplexity window stride (default n_ctx)")
-    p.add_argument("--threshold", type=float, help="CoLA threshold (default: fitted)")
-    p.add_argument("--split", default="val", help="split of a token folder")
-    p.add_argument("--token-dtype", default="uint16", help="dtype of a raw .bin token file")
-    p.add_argument("--max-tokens", type=int, default=2048,
-                   help="tokens per scoring batch (bounds the batch x length x vocab logits)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from gptjax.cli.settings import main_wrapper
-
-    return main_wrapper(_main, argv)
-
-
-def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    if args.k < 0:
-        raise ValueError(f"--k must be >= 0, got {args.k}")
-    unescape = lambda s: codecs.decode(s, "unicode_escape")  # noqa: E731
-    fmt = PromptFormat(k=args.k, separator=unescape(args.separator),
-                       template=unescape(args.template),
-                       choice_template=unescape(args.choice_template),
-                       description=unescape(args.description), seed=args.seed)
-    cfg, params, tokenizer = load_model(args.run)
-    metrics = run_task(params, cfg, tokenizer, args.task, args.data, train=args.train, fmt=fmt,
-                       limit=args.limit, stride=args.stride, threshold=args.threshold,
-                       max_tokens=args.max_tokens, token_dtype=args.token_dtype,
-                       split=args.split)
-    print(format_table(args.task, metrics))
-    if args.json:
-        record = {"task": args.task, "data": str(args.data), "model": str(args.run),
-                  "settings": dataclasses.asdict(fmt), "metrics": metrics}
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from gptjax.finetune.readers import (
+    WinogradSchema,
     examples_from_hf_rows,
+    fill_blank,
     generic_spec,
     get_spec,
     load_hf_task,
@@ -16,6 +18,8 @@ from gptjax.finetune.readers import (
     read_race,
     read_rocstories,
     read_story_cloze,
+    read_winograd,
+    split_blank,
     submission_rows,
 )
 
@@ -237,6 +241,125 @@ def test_race_folder(tmp_path):
     write(tmp_path / "bad" / "1.txt", [json.dumps(bad)])
     with pytest.raises(ValueError, match="3 options"):
         read_race(tmp_path / "bad")
+
+
+def test_race_blanks_filled_for_scoring(tmp_path):
+    """For scoring, an option goes into the question's blank and the words after the blank
+    follow it; without fill_blanks (fine-tuning) the question is the context's end."""
+    assert split_blank("The passage is mainly about  _  .") == ("The passage is mainly about",
+                                                                ".")
+    assert split_blank("What is it?") is None and split_blank("_ and _ .") is None
+    assert fill_blank("books", ".") == "books."
+    assert fill_blank("to tell a story.", ".") == "to tell a story."
+    assert fill_blank("Tom", "is the best title.") == "Tom is the best title."
+    assert fill_blank("hot", "") == "hot"
+    doc = {"answers": ["A", "B", "C"],
+           "options": [["cats", "dogs", "cows", "pigs"], ["Cats", "Dogs", "Cows", "Pigs"],
+                       ["a", "b", "c", "d"]],
+           "questions": ["The text is about  _  .", "_ is the best title.",
+                         "It is _ or _ ."], "article": "Cats purr.", "id": "m1"}
+    f = write(tmp_path / "m1.txt", [json.dumps(doc)])
+    scored = read_race(f, fill_blanks=True)
+    assert [(e.text_a, e.choices[0], e.label) for e in scored] == [
+        ("Cats purr. The text is about", "cats.", 0),
+        ("Cats purr.", "Cats is the best title.", 1),
+        ("Cats purr. It is _ or _ .", "a", 2)]  # two blanks: the option follows
+    assert read_race(f)[0].text_a == "Cats purr. The text is about  _  ."
+    assert read_race(f)[0].choices == ("cats", "dogs", "cows", "pigs")
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+WSC_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<collection>
+<schema>
+<text>
+<txt1>The city councilmen refused the demonstrators a permit
+      because</txt1>
+<pron>they</pron>
+<txt2>feared violence.</txt2>
+</text>
+<quote><quote1></quote1><pron>they</pron><quote2>feared violence.</quote2></quote>
+<answers>
+<answer>The city councilmen</answer>
+<answer>The demonstrators</answer>
+</answers>
+<correctAnswer>A</correctAnswer>
+<source>(Winograd 1972)</source>
+</schema>
+<schema>
+<text><txt1></txt1><pron>It</pron><txt2>was Bob's, said Ann.</txt2></text>
+<answers><answer>The cup</answer><answer>The pot</answer></answers>
+<correctAnswer>  B. </correctAnswer>
+</schema>
+</collection>
+"""
+
+
+def test_winograd_wsc273_xml(tmp_path):
+    f = tmp_path / "WSCollection.xml"
+    f.write_text(WSC_XML)
+    first, second = read_winograd(f)
+    assert first == WinogradSchema(
+        "The city councilmen refused the demonstrators a permit because they feared violence.",
+        "they", 63, ("The city councilmen", "The demonstrators"), 0, "0")
+    assert (second.text, second.pronoun_at, second.label) == ("It was Bob's, said Ann.", 0, 1)
+    bad = tmp_path / "bad.xml"
+    bad.write_text(WSC_XML.replace("<correctAnswer>  B. </correctAnswer>",
+                                   "<correctAnswer>C</correctAnswer>"))
+    with pytest.raises(ValueError, match=r"bad.xml:18: schema 1: <correctAnswer> must be A"):
+        read_winograd(bad)
+    bad.write_text(WSC_XML.replace("<answer>The pot</answer>", ""))
+    with pytest.raises(ValueError, match=r"bad.xml:18: schema 1 has 1 non-empty <answer>s"):
+        read_winograd(bad)
+    bad.write_text(WSC_XML.replace("</txt2>\n</text>", "</txt2>\n"))
+    with pytest.raises(ValueError, match=r"bad.xml:\d+: malformed XML"):
+        read_winograd(bad)
+
+
+def test_winograd_dpr_text(tmp_path):
+    """Four lines per example; the pronoun is its first whole-word occurrence (not the "he"
+    of "the"), matched ignoring case when the sentence writes it in another case."""
+    f = write(tmp_path / "test.c.txt", [
+        "The bee landed on the flower because it had pollen, and it was sunny.", "it",
+        "bee,flower", "flower", "", "", "He was late, so Ed scolded the man.", "he",
+        "Ed, the man", "the man", ""])
+    bee, ed = read_winograd(f)
+    assert (bee.pronoun, bee.pronoun_at, bee.candidates, bee.label) == (
+        "it", 37, ("bee", "flower"), 1)
+    assert (ed.pronoun, ed.pronoun_at, ed.candidates, ed.label) == ("He", 0, ("Ed", "the man"), 1)
+    for lines, message in [
+        (["A b.", "it", "a,b"], r"x.txt:1: a DPR example is 4 lines .* this one has 3"),
+        (["A b it.", "it", "a", "a"], r"x.txt:3: expected two candidates"),
+        (["A b it.", "it", "a,b", "c"], r"x.txt:4: the answer 'c' is not one of"),
+        (["A b.", "", "A b.", "it", "a,b", "a"], r"x.txt:1: a DPR example is 4 lines"),
+        (["", "A b its.", "it", "a,b", "a"], r"x.txt:2: the pronoun 'it' is not a word")]:
+        with pytest.raises(ValueError, match=message):
+            read_winograd(write(tmp_path / "x.txt", lines))
+
+
+def test_winograd_jsonl_forms(tmp_path):
+    rows = [{"text": "Ann thanked Sue because she had helped.", "pronoun": "she",
+             "pronoun_loc": 24, "options": ["Ann", "Sue"], "label": 1},
+            {"sentence": "The cat chased the mouse until it was tired.", "pronoun": "it",
+             "candidates": ["The cat", "the mouse"], "label": "The cat"},
+            {"sentence": "Ian helped Tom because _ was weak.", "option1": "Ian",
+             "option2": "Tom", "answer": "2"}]
+    f = write(tmp_path / "wsc.jsonl", [json.dumps(r) for r in rows])
+    ann, cat, ian = read_winograd(f)
+    assert (ann.pronoun_at, ann.label, ann.candidates) == (24, 1, ("Ann", "Sue"))
+    assert (cat.pronoun_at, cat.label) == (31, 0)
+    assert (ian.pronoun, ian.pronoun_at, ian.label) == ("_", 23, 1)
+    for row, message in [
+        (dict(rows[0], pronoun_loc=3), r"bad.jsonl:2: pronoun_loc=3 does not point at 'she'"),
+        (dict(rows[0], label=2), r"bad.jsonl:2: label 2 is neither 0, 1 nor one of"),
+        (dict(rows[0], options=["Ann"]), r"bad.jsonl:2: 'options' .* list of 2"),
+        ({"text": "No pronoun."}, r"bad.jsonl:2: a Winograd row needs 'text'"),
+        (dict(rows[2], answer="3"), r"bad.jsonl:2: 'answer' must be 1 or 2")]:
+        with pytest.raises(ValueError, match=message):
+            read_winograd(write(tmp_path / "bad.jsonl", [json.dumps(rows[1]), json.dumps(row)]))
+    with pytest.raises(ValueError, match="empty"):
+        read_winograd(write(tmp_path / "empty.jsonl", [""]))
 
 
 # ----------------------------------------------------------------------------- generic

@@ -37,7 +37,27 @@ and the metrics. Formats, exactly as distributed upstream:
              story (chosen deterministically), at a deterministic position.
     RACE     one JSON object per file (RACE/{train,dev,test}/{high,middle}/*.txt):
              article, questions, options (4 per question), answers (A-D), id.
-             One example per question: context = article + " " + question.
+             One example per question: context = article + " " + question; with
+             fill_blanks (zero-shot scoring), a question with one blank (a run of
+             "_") instead gives context = article + the words before the blank and,
+             per option, the option followed by the words after the blank.
+    Winograd schemas (zero-shot pronoun resolution; `read_winograd`, by suffix)
+      .xml   WSCollection.xml (Davis's Winograd Schema Challenge collection): one
+             <schema> per item with <text><txt1/><pron/><txt2/></text>,
+             <answers><answer/><answer/></answers>, <correctAnswer> A or B (a
+             trailing "." and spaces allowed); whitespace runs collapse to one space.
+             The file holds 285 schemas; WSC273 is the first 273.
+      .jsonl one object a line, either HF winograd_wsc / definite_pronoun_resolution
+             style: "text" (or "sentence"), "pronoun", "options" (or "candidates",
+             two strings), "label" (0 / 1, or the right candidate's text; absent:
+             unlabelled), optional "pronoun_loc" (the pronoun's character offset);
+             or WinoGrande style: "sentence" with a "_" blank, "option1", "option2",
+             "answer" ("1" / "2").
+      other  DPR (Rahman & Ng 2012, {train,test}.c.txt): blocks of four lines,
+             separated by blank lines: the sentence, the pronoun, the two candidates
+             separated by a comma, the right candidate.
+             Without a location, the pronoun is its first whole-word occurrence in
+             the sentence (DPR's rule), matched case-sensitively, else ignoring case.
     generic  CSV (header row) or JSON lines, with a column mapping for the kind:
              classification text, label; entailment premise, hypothesis, label;
              similarity text_a, text_b, label; multiple_choice context,
@@ -55,6 +75,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,9 +461,59 @@ def read_rocstories(path, seed: int = 0) -> list[Example]:
     return examples
 
 
-def read_race(path) -> list[Example]:
+_BLANK = re.compile(r"_+")
+# After these a filled blank takes no space ("to read _ ." -> "to read books.").
+_CLOSING_PUNCTUATION = ".,;:!?)"
+
+
+def split_blank(question: str) -> tuple[str, str] | None:
+    """(words before, words after) the blank of a fill-in-the-blank question, each
+    stripped; None when the question has no blank or more than one (RACE writes a blank
+    as a run of underscores: "The passage is mainly about _ .")."""
+    blanks = list(_BLANK.finditer(question))
+    if len(blanks) != 1:
+        return None
+    return question[: blanks[0].start()].strip(), question[blanks[0].end():].strip()
+
+
+def fill_blank(option: str, after: str) -> str:
+    """The option put in the blank, followed by the words after the blank:
+    ("books", ".") -> "books."; ("Tom", "is the best.") -> "Tom is the best."; a final
+    "." both in the option and after the blank is kept once."""
+    option = option.strip()
+    if after[:1] in tuple(".!?") and option.endswith(after[:1]):
+        after = after[1:].lstrip()
+    if not after:
+        return option
+    return option + ("" if after[0] in _CLOSING_PUNCTUATION else " ") + after
+
+
+def race_example(article: str, question: str, options: Sequence[str], label, uid: str,
+                 *, fill_blanks: bool = False) -> Example:
+    """One RACE question as a multiple-choice example (see the module docstring).
+
+    fill_blanks: a question with one blank puts each option in it, for scoring by
+    likelihood (GPT-1 and GPT-2 zero-shot): the choices are the completed question from
+    the blank on, so the words after the blank are scored too (a blank at the start, as
+    in "_ is the best title.", would otherwise be scored without its question), and the
+    context holds what every option shares, the article and the words before the blank.
+    Without it (fine-tuning) the question is the context's end and each option follows.
+    """
+    article, question = article.strip(), question.strip()
+    options = tuple(o.strip() for o in options)
+    parts = split_blank(question) if fill_blanks else None
+    if parts is None:
+        return Example(f"{article} {question}", choices=options, label=label, uid=uid)
+    before, after = parts
+    context = f"{article} {before}" if before else article
+    return Example(context, choices=tuple(fill_blank(o, after) for o in options),
+                   label=label, uid=uid)
+
+
+def read_race(path, *, fill_blanks: bool = False) -> list[Example]:
     """RACE: a JSON file, or a folder searched recursively for *.txt / *.json files
-    (sorted), each one passage with its questions. One example per question."""
+    (sorted), each one passage with its questions. One example per question; see
+    `race_example` for fill_blanks."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json")
@@ -471,11 +542,175 @@ def read_race(path) -> list[Example]:
                 raise ValueError(f"{f}: question {q} has {len(opts)} options, RACE has 4")
             label = None if answers is None else spec.label_index(answers[q],
                                                                   f"{f}: question {q}")
-            context = doc["article"].strip() + " " + question.strip()
-            uid = f"{doc.get('id', f.name)}-{q}"
-            examples.append(Example(context, choices=tuple(o.strip() for o in opts),
-                                    label=label, uid=uid))
+            examples.append(race_example(doc["article"], question, opts, label,
+                                         f"{doc.get('id', f.name)}-{q}",
+                                         fill_blanks=fill_blanks))
     return _nonempty(examples, path, "questions")
+
+
+# ----------------------------------------------------------------------------- Winograd schemas
+
+
+@dataclass(frozen=True)
+class WinogradSchema:
+    """A sentence, the pronoun to resolve (at character `pronoun_at` of the text), its two
+    candidate antecedents, and the right candidate's index (None: unlabelled)."""
+
+    text: str
+    pronoun: str
+    pronoun_at: int
+    candidates: tuple[str, str]
+    label: int | None
+    uid: str = ""
+
+    def __post_init__(self):
+        if self.text[self.pronoun_at: self.pronoun_at + len(self.pronoun)] != self.pronoun:
+            raise ValueError(f"{self.pronoun!r} is not at character {self.pronoun_at} of "
+                             f"{self.text!r}")
+        if len(self.candidates) != 2:
+            raise ValueError(f"a Winograd schema has 2 candidates, got {self.candidates!r}")
+
+
+def read_winograd(path) -> list[WinogradSchema]:
+    """Winograd schemas from WSCollection.xml (.xml), JSON lines (.jsonl / .json) or a DPR
+    text file (anything else); the formats are in the module docstring."""
+    path = _check_file(path)
+    if path.suffix == ".xml":
+        items = _read_wsc_xml(path)
+    elif path.suffix in (".jsonl", ".json"):
+        items = [_winograd_from_row(row, f"{path}:{n}") for n, row in read_jsonl(path)]
+    else:
+        items = _read_dpr(path)
+    return _nonempty(items, path, "schemas")
+
+
+def _clean(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _read_wsc_xml(path: Path) -> list[WinogradSchema]:
+    import xml.etree.ElementTree as ET
+
+    text = _read_text(path)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as err:
+        raise ValueError(f"{path}:{err.position[0]}: malformed XML: {err}") from None
+    schemas = [root] if root.tag == "schema" else root.findall("schema")
+    starts = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"<schema\b", text)]
+    items = []
+    for i, schema in enumerate(schemas):
+        where = f"{path}:{starts[i]}" if len(starts) == len(schemas) else f"{path}: schema {i}"
+        before, pronoun = _clean(schema.findtext("text/txt1")), _clean(schema.findtext(
+            "text/pron"))
+        after = _clean(schema.findtext("text/txt2"))
+        answers = [_clean(a.text) for a in schema.findall("answers/answer")]
+        correct = _clean(schema.findtext("correctAnswer")).rstrip(".").strip().upper()
+        if not pronoun:
+            raise ValueError(f"{where}: schema {i} has no <text><pron> (the pronoun)")
+        if len(answers) != 2 or not all(answers):
+            raise ValueError(f"{where}: schema {i} has {len(answers)} non-empty <answer>s "
+                             f"in <answers>, a Winograd schema has 2")
+        if correct not in ("A", "B"):
+            raise ValueError(f"{where}: schema {i}: <correctAnswer> must be A or B, got "
+                             f"{schema.findtext('correctAnswer')!r}")
+        # "... because" + "it" + "is too big." / "'s owner ...": no space before punctuation
+        joint = "" if not after or after[0] in _CLOSING_PUNCTUATION + "'" else " "
+        head = f"{before} " if before else ""
+        items.append(WinogradSchema(head + pronoun + joint + after, pronoun, len(head),
+                                    (answers[0], answers[1]), "AB".index(correct), str(i)))
+    return items
+
+
+def _find_pronoun(sentence: str, pronoun: str, where: str) -> int:
+    """The first whole-word occurrence of the pronoun (case-sensitive, else any case)."""
+    pattern = r"(?<!\w)" + re.escape(pronoun) + r"(?!\w)"
+    found = re.search(pattern, sentence) or re.search(pattern, sentence, re.IGNORECASE)
+    if found is None:
+        raise ValueError(f"{where}: the pronoun {pronoun!r} is not a word of the sentence "
+                         f"{sentence!r}")
+    return found.start()
+
+
+def _winograd_from_row(row: dict, where: str) -> WinogradSchema:
+    uid = str(row.get("idx", row.get("id", where.rsplit(":", 1)[-1])))
+    if "option1" in row:  # WinoGrande: the blank "_" stands for the pronoun
+        sentence, answer = row.get("sentence"), row.get("answer")
+        if not isinstance(sentence, str) or sentence.count("_") != 1:
+            raise ValueError(f"{where}: a WinoGrande row needs a 'sentence' with one '_'")
+        if "option2" not in row:
+            raise ValueError(f"{where}: a WinoGrande row needs 'option1' and 'option2'")
+        if answer not in (None, "", "1", "2", 1, 2):
+            raise ValueError(f"{where}: 'answer' must be 1 or 2, got {answer!r}")
+        label = None if answer in (None, "") else int(answer) - 1
+        return WinogradSchema(sentence, "_", sentence.index("_"),
+                              (str(row["option1"]), str(row["option2"])), label, uid)
+    text = row.get("text", row.get("sentence"))
+    candidates = row.get("options", row.get("candidates"))
+    pronoun = row.get("pronoun")
+    if not isinstance(text, str) or not isinstance(pronoun, str) or not pronoun:
+        raise ValueError(f"{where}: a Winograd row needs 'text' (or 'sentence') and "
+                         f"'pronoun' strings; it has {sorted(row)}")
+    if (not isinstance(candidates, list) or len(candidates) != 2
+            or not all(isinstance(c, str) and c.strip() for c in candidates)):
+        raise ValueError(f"{where}: 'options' (or 'candidates') must be a list of 2 "
+                         f"non-empty strings, got {candidates!r}")
+    candidates = (candidates[0].strip(), candidates[1].strip())
+    loc = row.get("pronoun_loc")
+    if loc is None:
+        loc = _find_pronoun(text, pronoun, where)
+        pronoun = text[loc: loc + len(pronoun)]  # as the sentence spells it
+    elif not isinstance(loc, int) or text[loc: loc + len(pronoun)] != pronoun:
+        raise ValueError(f"{where}: pronoun_loc={loc!r} does not point at {pronoun!r} in "
+                         f"{text!r}")
+    label = row.get("label")
+    if isinstance(label, str) and label in candidates:
+        label = candidates.index(label)
+    elif label is not None and (isinstance(label, bool) or label not in (0, 1)):
+        raise ValueError(f"{where}: label {label!r} is neither 0, 1 nor one of the "
+                         f"candidates {list(candidates)}")
+    return WinogradSchema(text, pronoun, loc, candidates, None if label is None else int(label),
+                          uid)
+
+
+def _read_dpr(path: Path) -> list[WinogradSchema]:
+    blocks: list[list[tuple[int, str]]] = [[]]
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            blocks[-1].append((n, line.strip()))
+        elif blocks[-1]:
+            blocks.append([])
+    items = []
+    for block in filter(None, blocks):
+        if len(block) != 4:
+            raise ValueError(
+                f"{path}:{block[0][0]}: a DPR example is 4 lines (the sentence, the pronoun, "
+                f"the two candidates separated by a comma, the right candidate), this one has "
+                f"{len(block)}")
+        (n, sentence), (_, pronoun), (n_candidates, line), (n_answer, answer) = block
+        candidates = [c.strip() for c in line.split(",")]
+        if len(candidates) != 2 or not all(candidates):
+            raise ValueError(f"{path}:{n_candidates}: expected two candidates separated by "
+                             f"a comma, got {line!r}")
+        lowered = [c.lower() for c in candidates]
+        if answer in candidates:
+            label = candidates.index(answer)
+        elif answer.lower() in lowered:
+            label = lowered.index(answer.lower())
+        else:
+            raise ValueError(f"{path}:{n_answer}: the answer {answer!r} is not one of the "
+                             f"candidates {candidates}")
+        at = _find_pronoun(sentence, pronoun, f"{path}:{n}")
+        items.append(WinogradSchema(sentence, sentence[at: at + len(pronoun)], at,
+                                    (candidates[0], candidates[1]), label, str(len(items))))
+    return items
 
 
 # ----------------------------------------------------------------------------- generic files
