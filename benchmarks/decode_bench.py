@@ -6,7 +6,9 @@
 Both run greedy decoding of `--new-tokens` tokens after a `--prompt-len` token prompt of
 random ids, with the same random weights (gptjax's `init_params`, copied into the torch
 model), in the same process, and tokens/s counts new tokens (prefill included in the time).
-The greedy outputs are compared as a check that both decode the same model.
+Both must decode the same tokens: where they differ, the first differing position of each
+row is printed (with gptjax's logits of the two tokens there, to tell a near-tie from a
+wrong model) and the command exits with status 1 once every batch size has run.
 
 CPU: torch eager with `torch.set_num_threads(os.cpu_count())` (`--torch-threads`), float32 on
 both sides.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
@@ -82,7 +85,27 @@ def bench_hf(model, prompt, new_tokens, repeats, gpu):
     return seconds, run()[:, prompt.shape[1]:].cpu().numpy()
 
 
-def main(argv=None):
+def token_differences(jax_out, hf_out) -> list[tuple[int, int]]:
+    """(row, position) of the first differing new token of each row where the greedy outputs
+    of gptjax and HF differ (positions count from the first new token)."""
+    if jax_out.shape != hf_out.shape:
+        raise ValueError(f"gptjax decoded {jax_out.shape} tokens, HF {hf_out.shape}")
+    return [(int(row), int(np.argmax(jax_out[row] != hf_out[row])))
+            for row in np.flatnonzero((jax_out != hf_out).any(axis=1))]
+
+
+def describe_difference(params, cfg, prompt, jax_out, hf_out, row, position) -> str:
+    """One line for a differing token, with gptjax's logits of both choices after the
+    prefix the two share (a gap near zero is a near-tie that rounding can flip)."""
+    prefix = np.concatenate([prompt[row], jax_out[row, :position]])[None].astype(np.int32)
+    logits = np.asarray(gptjax.logits(params, gptjax.forward(params, prefix, cfg))[0, -1],
+                        dtype=np.float32)
+    ours, theirs = int(jax_out[row, position]), int(hf_out[row, position])
+    return (f"row {row}, new token {position}: gptjax {ours} (logit {logits[ours]:.6g}), "
+            f"HF {theirs} (logit {logits[theirs]:.6g}), gap {logits[ours] - logits[theirs]:.3g}")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (1 and 16)")
@@ -118,7 +141,10 @@ def main(argv=None):
         hf_cfg = transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
             n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            # No end-of-text token: with one, min_new_tokens would forbid it in HF's
+            # greedy choice but not in gptjax's, and the two could differ on that alone.
+            bos_token_id=None, eos_token_id=None)
         model = transformers.GPT2LMHeadModel(hf_cfg).eval()
         model.load_state_dict(to_torch_state(params, cfg))
         if gpu:
@@ -128,7 +154,8 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
     rng = np.random.default_rng(0)
-    print(f"{'batch':>5} {'gptjax tok/s':>13} {'HF tok/s':>10} {'ratio':>7}  same tokens")
+    print(f"{'batch':>5} {'gptjax tok/s':>13} {'HF tok/s':>10} {'ratio':>7}  tokens")
+    differing = []
     for B in batches:
         prompt = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).astype(np.int32)
         jax_s, jax_out = bench_gptjax(params, cfg, prompt, args.new_tokens, args.repeats)
@@ -137,8 +164,12 @@ def main(argv=None):
         if model is not None:
             hf_s, hf_out = bench_hf(model, prompt, args.new_tokens, args.repeats, gpu)
             hf_tps = B * args.new_tokens / hf_s
-            same = float(np.mean(jax_out == hf_out))
-            line += f" {hf_tps:>10.1f} {jax_tps / hf_tps:>6.2f}x  {same:.0%}"
+            rows = token_differences(jax_out, hf_out)
+            line += f" {hf_tps:>10.1f} {jax_tps / hf_tps:>6.2f}x  "
+            line += f"{len(rows)} of {B} rows differ" if rows else "same"
+            differing += [f"batch {B}, " + describe_difference(params, cfg, prompt, jax_out,
+                                                               hf_out, row, position)
+                          for row, position in rows]
         print(line, flush=True)
         if gpu:
             kind = jax.devices()[0].device_kind
@@ -151,7 +182,11 @@ def main(argv=None):
             util = f", {gbs / peak:.0%} of {peak:.0f} GB/s" if peak else ""
             print(f"      gptjax reads ~{(weight_bytes + cache_bytes) / 1e6:.0f} MB per step in "
                   f"{step_s * 1e3:.2f} ms: {gbs:.0f} GB/s{util}")
+    if differing:
+        print("gptjax and HF greedy tokens differ:", *differing, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,8 +11,9 @@
 #
 #   main      GPT-2 124M (gpt2 preset), batch 16 x 1024, bf16, no dropout: gptjax (cudnn
 #             attention, scan over layers) and the reference (HF GPT2LMHeadModel, bf16
-#             autocast, torch.compile, SDPA flash attention, fused AdamW, TF32), then gptjax
-#             again to show the persistent compilation cache (compile_s)      ~5 min
+#             autocast, SDPA flash attention, TF32; eager and torch.compile, each with
+#             AdamW foreach and fused, the speed-up against the fastest), then gptjax
+#             again to show the persistent compilation cache (compile_s)      ~6 min
 #   variants  one change each, gptjax only: unrolled layers, remat, xla attention, the
 #             latency-hiding scheduler flag, vocabulary 50304 (nanoGPT's padding)  ~4 min
 #   maxbatch  the largest batch x 1024 that fits (GPU memory fraction 0.95): 24, 32, 48, 64,

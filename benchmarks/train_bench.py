@@ -1,4 +1,5 @@
-"""Training-step benchmark: `python benchmarks/train_bench.py ARGS` = `python -m gptjax.bench ARGS`.
+"""Training-step benchmark: `python benchmarks/train_bench.py ARGS` is
+`python -m gptjax.cli.bench ARGS`.
 
     python benchmarks/train_bench.py --preset char --no-scan --reference
     python benchmarks/train_bench.py --preset cpu-6x384 --batch-size 8 --reference --json 6x384.json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptjax.bench import main  # noqa: E402
+from gptjax.cli.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
