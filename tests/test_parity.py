@@ -89,8 +89,10 @@ def test_logits_loss_gradients(pair, scan):
 
     logits_diff = float(np.abs(np.asarray(z) - out.logits.detach().numpy()).max())
     loss_diff = abs(float(loss) - out.loss.item())
-    assert logits_diff <= 1e-4, logits_diff
-    assert loss_diff <= 1e-5, loss_diff
+    # Measured on the project's CPU: logits <= 3.1e-6, loss <= 9.5e-7, gradients <= 1.0e-6
+    # relative. The bounds leave room for another CPU's float rounding; the README states both.
+    assert logits_diff <= 2e-5, logits_diff
+    assert loss_diff <= 5e-6, loss_diff
     # lm_head shares the embedding's Parameter: its gradient (like ours) sums both uses.
     assert not any(name.startswith("lm_head") for name in torch_grads)
     ours = hf.params_to_hf(cfg, grads, prefix=hf.PREFIX)
@@ -98,7 +100,7 @@ def test_logits_loss_gradients(pair, scan):
     rel = {name: float(np.linalg.norm(ours[name] - ref) / np.linalg.norm(ref))
            for name, ref in torch_grads.items()}
     worst = max(rel, key=rel.get)
-    assert rel[worst] <= 1e-4, (worst, rel[worst])
+    assert rel[worst] <= 1e-5, (worst, rel[worst])
     print(f"\n{cfg.norm} {cfg.activation} scan={scan}: logits {logits_diff:.2e}, "
           f"loss {loss_diff:.2e}, worst grad rel {rel[worst]:.2e} ({worst})")
 
