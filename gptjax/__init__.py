@@ -8,9 +8,10 @@
     loss = gptjax.lm_loss(params, tokens, cfg)
     out = gptjax.generate(params, cfg, prompt, max_new_tokens, rng=key)
     cfg, params = gptjax.hf.load_pretrained(path)
+    fit = gptjax.scaling.fit_power_law(compute, loss)   # L(C) = a C^b + c
 """
 
-from gptjax import hf
+from gptjax import hf, scaling
 from gptjax.config import PRESETS, GPTConfig, preset
 from gptjax.generate import generate
 from gptjax.model import count_params, forward, init_params, lm_loss, logits
@@ -26,4 +27,5 @@ __all__ = [
     "count_params",
     "generate",
     "hf",
+    "scaling",
 ]
