@@ -41,7 +41,7 @@ def keep_freed_memory() -> None:
     and frees them when the step ends; glibc serves blocks that large with mmap and
     hands them back to the OS, so every step page-faults them in again. Raising malloc's
     mmap and trim thresholds to 1 GiB keeps them in the heap (the gain is in the
-    benchmark, `python -m gptjax.bench`). A no-op elsewhere (GPU memory is XLA's own).
+    benchmark, `python -m gptjax.cli.bench`). A no-op elsewhere (GPU memory is XLA's own).
     """
     if _HEAP_TUNED or jax.default_backend() != "cpu":
         return
