@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ============================================================================================
 # GPU SUITE (issue 6): gptjax against the PyTorch reference on one NVIDIA GPU, as JSON.
-# Not run in CI and not yet run at all: written on a CPU-only machine, to be run on an H100.
+# Not run in CI. Run on an H200 on 2026-11-30 (stages env main kernels job tests, with
+# SUITE_ROUNDS=2 SUITE_REF_ADAMW=fused): benchmarks/results/h200-2026-11-30/.
 # ============================================================================================
 #
 #   bash benchmarks/gpu_suite.sh [STAGE...]        # from the repository root
@@ -18,6 +19,12 @@
 #             latency-hiding scheduler flag, vocabulary 50304 (nanoGPT's padding)  ~4 min
 #   maxbatch  the largest batch x 1024 that fits (GPU memory fraction 0.95): 24, 32, 48, 64,
 #             96, 128, stopping at the first that fails                   ~3 min
+#   kernels   gptjax only, the same step with --kernels fast (every kernel: the CPU-tuned
+#             custom VJPs and cudnn attention) and --kernels reference (model.py's
+#             formulas, XLA attention), against `main`'s "auto"         ~2 min
+#   job       the default training job (python train.py: cpu-small on the built-in corpus,
+#             600 steps) on the GPU, its log and final validation loss  ~1 min
+#   tests     the kernel tests (tests/test_kernels.py) on the GPU        ~1 min
 #   env       versions and the card (also written by every other stage)
 #
 # A dry run of the plumbing on a CPU: SUITE_PRESET=tiny SUITE_CTX=32 bash benchmarks/gpu_suite.sh main
@@ -33,6 +40,10 @@ source "$(dirname "$0")/common.sh"
 CACHE=${GPTJAX_JAX_CACHE:-/tmp/gptjax-jax-cache}
 PRESET=${SUITE_PRESET:-gpt2}
 CTX=${SUITE_CTX:-1024}
+# Within one 10-minute call: SUITE_ROUNDS=2 SUITE_REF_ADAMW=fused (torch's fastest AdamW
+# on CUDA) keep `main` to about 4 minutes.
+ROUNDS=${SUITE_ROUNDS:-3}
+REF_ADAMW=${SUITE_REF_ADAMW:-all}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env main variants maxbatch)
 
@@ -57,8 +68,9 @@ EOF
 }
 
 main_stage() {
-    bench main_b16 480 --batch-size 16 --reference --rounds 3 --steps 10
-    bench main_b16_cached 240 --batch-size 16 --rounds 1 --steps 10
+    bench main_b16 330 --batch-size 16 --reference --rounds "$ROUNDS" --steps 10 \
+        --ref-adamw "$REF_ADAMW"
+    bench main_b16_cached 100 --batch-size 16 --rounds 1 --steps 10
 }
 
 variants_stage() {
@@ -78,13 +90,34 @@ maxbatch_stage() {
     done
 }
 
+kernels_stage() {
+    bench kernels_fast 150 --batch-size 16 --kernels fast --rounds 2 --steps 10
+    bench kernels_reference 150 --batch-size 16 --kernels reference --rounds 2 --steps 10
+}
+
+job_stage() {
+    log "=== job: python train.py on $(date -u +%FT%TZ)"
+    local start=$SECONDS
+    timeout 200 "$PY" train.py --out-dir /tmp/gptjax-default-run 2>&1 | tail -n 25 | tee -a "$LOG"
+    log "--- job: $((SECONDS - start)) s wall"
+}
+
+tests_stage() {
+    log "=== tests: tests/test_kernels.py on $(date -u +%FT%TZ)"
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 |
+        tail -n 40 | tee -a "$LOG"
+}
+
 for stage in "${STAGES[@]}"; do
     case $stage in
         env) env_stage ;;
         main) main_stage ;;
         variants) variants_stage ;;
         maxbatch) maxbatch_stage ;;
-        *) log "unknown stage $stage (env, main, variants, maxbatch)"; exit 2 ;;
+        kernels) kernels_stage ;;
+        job) job_stage ;;
+        tests) tests_stage ;;
+        *) log "unknown stage $stage (env, main, variants, maxbatch, kernels, job, tests)"; exit 2 ;;
     esac
 done
 

@@ -233,7 +233,7 @@ ALL_ELSEWHERE = Plan(layer_norm=True, dense=True, loss=True, attention="dot_prod
     ("cpu", "auto", ALL_CPU),
     ("gpu", "reference", Plan()),
     ("gpu", "fast", ALL_ELSEWHERE),
-    ("gpu", "auto", Plan(attention="dot_product")),
+    ("gpu", "auto", Plan(layer_norm=True, loss=True, attention="dot_product")),
     ("tpu", "reference", Plan()),
     ("tpu", "fast", ALL_ELSEWHERE),
     ("tpu", "auto", Plan()),

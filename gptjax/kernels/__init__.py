@@ -70,8 +70,10 @@ def plan(cfg, backend: str | None = None) -> Plan:
     "auto": on each backend only what was measured faster there, the reference elsewhere:
         cpu             every kernel, as "fast" (measured on 2 cores, XLA: the char,
                         cpu-small and cpu-6x384 training steps);
-        gpu             attention only, through jax.nn.dot_product_attention (cudnn in
-                        16-bit, measured on an H100; DESIGN.md gives the figures);
+        gpu             attention through jax.nn.dot_product_attention (cudnn in 16-bit),
+                        the chunked loss and the LayerNorm backward; not the dense
+                        backward, which was no faster there (benchmarks/kernel_ablation.py
+                        on an H200, GPT-2 124M in bfloat16; the README's Speed section);
         tpu and others  the reference: nothing has been measured there yet.
     """
     backend = backend or jax.default_backend()
@@ -81,7 +83,7 @@ def plan(cfg, backend: str | None = None) -> Plan:
         attention_kind = "blocked" if backend == "cpu" else "dot_product"
         return Plan(layer_norm=True, dense=True, loss=True, attention=attention_kind)
     if backend in _GPU_BACKENDS:
-        return Plan(attention="dot_product")
+        return Plan(layer_norm=True, loss=True, attention="dot_product")
     return REFERENCE
 
 
