@@ -259,7 +259,7 @@ class JaxRunner(Runner):
     def __init__(self, cfg: GPTConfig, batch_size: int, optim: OptimConfig, total_steps: int,
                  seed: int = 0, compiler_options: dict | None = None, name: str = "gptjax"):
         self.cfg, self.name = cfg, name
-        optimizer = make_optimizer(optim, total_steps)
+        optimizer = make_optimizer(optim, total_steps, model=cfg)
         schedule = make_schedule(optim, total_steps)
 
         def loss_fn(params, batch, rng):  # pretrain.run's loss

@@ -73,7 +73,7 @@ def _score_batch(params, tokens, weights, cfg):
     """Rows (B, T) and weights (B, T) aligned with them (weights[:, 0] unused) ->
     (sum_t weights[:, t] * log P(tokens[:, t] | tokens[:, <t]) (B,), every weighted
     token the argmax (B,) bool). The same quantity as -lm_loss * sum(weights)."""
-    z = logits(params, forward(params, tokens[:, :-1], cfg))  # (B, T-1, V) float32
+    z = logits(params, forward(params, tokens[:, :-1], cfg), cfg)  # (B, T-1, V) float32
     targets = tokens[:, 1:]
     picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     logprob = picked - jax.nn.logsumexp(z, axis=-1)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import mup
 from gptjax.config import GPTConfig
 from gptjax.model import Params, attend, causal_mask, dense, embed, layer_norm, logits, mlp
 
@@ -142,6 +143,7 @@ def _cached_block(p, x, cfg, banded, key_mask, cache, index):
     def self_attention(x):
         B, T, D = x.shape
         qkv = dense(p["attn"]["c_attn"], x, cfg).reshape(B, T, 3, cfg.n_head, cfg.head_size)
+        qkv = mup.scale_queries(qkv, cfg)  # as model.attention
         k, v = (jax.lax.dynamic_update_slice_in_dim(c, qkv[:, :, i].astype(c.dtype), index,
                                                     axis=1) for i, c in zip((1, 2), cache))
         band = cfg.attention_band if banded else None
@@ -170,7 +172,7 @@ def _forward_cached(layout, tokens, cfg, caches, cache_index, positions, key_mas
         new_caches.append(cache)
     if cfg.norm == "pre":
         x = layer_norm(layout["ln_f"], x, cfg)
-    return logits(layout["unembed"], x[:, -1:])[:, 0], new_caches
+    return logits(layout["unembed"], x[:, -1:], cfg)[:, 0], new_caches
 
 
 def _prefill(layout, tokens, pad_counts, cfg, cache_length):

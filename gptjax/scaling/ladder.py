@@ -235,6 +235,12 @@ def shape(width: int, aspect: int, head_size: int, n_head: int) -> tuple[int, in
 
 
 def model_for(width: int, ladder: LadderConfig, base: GPTConfig) -> GPTConfig:
+    """The run of this width: the base model (parametrization included) at the rule's shape.
+    muP (gptjax.mup) is relative to the same model at mup_base_width with the same heads,
+    so under muP every run keeps the base model's n_head (head_size 0)."""
+    if base.parametrization == "mup" and ladder.head_size:
+        raise ValueError(f"head_size={ladder.head_size} with parametrization='mup': muP's "
+                         "base model has each run's heads; use --head-size 0 (a fixed n_head)")
     n_layer, n_head = shape(width, ladder.aspect, ladder.head_size, base.n_head)
     return base.replace(n_layer=n_layer, n_embd=width, n_head=n_head)
 

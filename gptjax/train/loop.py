@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 
+from gptjax.config import GPTConfig
 from gptjax.train import parallel as par
 from gptjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, check_meta
 from gptjax.train.flops import device_peak_flops
@@ -384,6 +385,7 @@ def train(
     compute_dtype: str = "float32",
     show_progress: bool = True,
     stop_after: int | None = None,
+    model: GPTConfig | None = None,
 ) -> TrainResult:
     """Train until loop.steps, evaluating, logging and checkpointing on the way.
 
@@ -397,14 +399,15 @@ def train(
     process. meta (JSON) is saved with every checkpoint; on resume the entries named in
     check_keys must equal the checkpoint's. stop_after=k stops after step k as a
     preemption would (checkpoint saved, status "stopped"): the schedule still spans
-    loop.steps, so a resumed run continues exactly.
+    loop.steps, so a resumed run continues exactly. model: the GPTConfig trained, for
+    per-parameter learning rates under muP (make_optimizer); None: one rate for all.
     """
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     meta = dict(meta or {})
     schedule = make_schedule(optim, loop.steps)
-    optimizer = make_optimizer(optim, loop.steps)
+    optimizer = make_optimizer(optim, loop.steps, model=model)
     runner = make_runner(lambda axis: make_train_step(loss_fn, optimizer, schedule,
                                                       axis_name=axis), loop)
     state = init_state(params, optimizer, loop.seed)

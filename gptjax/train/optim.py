@@ -11,6 +11,10 @@ state: `make_optimizer`'s last stage takes the step as an optax extra argument
 skipped for a non-finite loss leaves the optimizer state as it was, so an optimizer
 count would fall behind the loop; with the step passed in, the rate applied at step s
 is always `make_schedule(...)(s)`, the `lr` the loop logs.
+
+Under muP (`model.parametrization == "mup"`, gptjax.mup) the hidden weight matrices take
+lr / m and everything else lr: one more stage, between the decayed weights and the rate,
+so that the decoupled weight decay follows each parameter's rate too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import optax
+
+from gptjax import mup
+from gptjax.config import GPTConfig
 
 # Leaf names that are weight matrices (decayed). Everything else, biases "b"/"bias"
 # and LayerNorm gains "g"/"scale", is not. "kernel" is Flax's name (task heads).
@@ -133,11 +140,22 @@ def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransfo
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def mup_lr_scaling(model: GPTConfig) -> optax.GradientTransformationExtraArgs:
+    """muP's per-parameter learning rates for Adam: updates of the hidden matrices
+    (gptjax.mup.lr_labels) times 1/m, the others unchanged."""
+    return optax.transforms.partition(
+        {"hidden": optax.scale(mup.hidden_lr_scale(model)), "other": optax.identity()},
+        mup.lr_labels)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, *,
+                   model: GPTConfig | None = None) -> optax.GradientTransformationExtraArgs:
     """clip_by_global_norm -> AdamW (mask = weight matrices) at make_schedule(step).
 
     The AdamW stages are optax.adamw's own (scale_by_adam, add_decayed_weights,
     then the rate), with the rate taken at the step passed to `update(..., step=s)`.
+    `model`: the config of the model trained; under muP its hidden matrices get lr / m
+    (mup_lr_scaling). None, or the standard parametrization: one rate for all.
     """
     schedule = make_schedule(cfg, total_steps)
     parts = []
@@ -146,6 +164,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     parts += [
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay, weight_decay_mask),
-        scale_by_schedule_at_step(schedule),
     ]
+    if mup.is_mup(model):
+        parts.append(mup_lr_scaling(model))
+    parts.append(scale_by_schedule_at_step(schedule))
     return optax.chain(*parts)
