@@ -16,11 +16,19 @@ NORMS = ("post", "pre")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 KERNELS = ("reference", "fast", "auto")
+ARCHS = ("gpt", "bert")
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Hyper-parameters of a decoder-only transformer (GPT-1, GPT-2 or GPT-3)."""
+    """Hyper-parameters of a transformer: a GPT decoder (GPT-1, GPT-2, GPT-3) or, as the
+    contrast to it, a BERT encoder (arch="bert")."""
+
+    # "gpt": decoder-only, causal attention, output tied to W_e (the language model).
+    # "bert": encoder-only, bidirectional attention over the non-padding tokens, segment
+    # (token-type) embeddings and an embedding LayerNorm, a pooler, MLM and NSP heads.
+    arch: str = "gpt"
 
     # Size of the token embedding W_e (rows) and of the tied output softmax.
     vocab_size: int = 50257
@@ -73,6 +81,18 @@ class GPTConfig:
     # GPT-2's init: residual projections (attn.c_proj, mlp.c_proj) scaled by
     # 1/sqrt(2 * n_layer). None means: on for pre-LN, off for post-LN.
     scale_residual_init: bool | None = None
+    # BERT only: number of segment (token-type) embeddings (sentence A and sentence B).
+    type_vocab_size: int = 2
+    # "standard": today's parametrization (N(0, init_std) weights, one learning rate,
+    # attention scaled by 1/sqrt(head size)). "mup": the maximal-update parametrization
+    # (Yang et al. 2021, muTransfer) relative to a model of width mup_base_width, so
+    # that hyper-parameters tuned at the base width transfer to wider models
+    # (gptjax.mup gives the rules).
+    parametrization: str = "standard"
+    # muP's base width D0: muP is relative to this config at n_embd = D0 (the same heads,
+    # so D0 must divide by n_head). At n_embd == D0 muP equals the standard
+    # parametrization exactly (attention's 1/K scaling is taken relative to D0's head size).
+    mup_base_width: int = 128
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
@@ -98,6 +118,21 @@ class GPTConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, ATTENTION_IMPLS)
         _check_choice("kernels", self.kernels, KERNELS)
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("parametrization", self.parametrization, PARAMETRIZATIONS)
+        _check_positive_int("type_vocab_size", self.type_vocab_size)
+        _check_positive_int("mup_base_width", self.mup_base_width)
+        if self.arch == "bert" and self.parametrization != "standard":
+            raise ValueError(f"GPTConfig.parametrization={self.parametrization!r}: muP is "
+                             "implemented for arch='gpt' only")
+        if self.parametrization == "mup" and self.mup_base_width % self.n_head:
+            raise ValueError(
+                f"GPTConfig.mup_base_width={self.mup_base_width} must be a multiple of "
+                f"n_head={self.n_head}: muP's base model (n_embd = mup_base_width, the same "
+                "heads) needs a whole head size")
+        if self.arch == "bert" and self.attention_band is not None:
+            raise ValueError(f"GPTConfig.attention_band={self.attention_band}: banded "
+                             "attention is GPT-3's; arch='bert' attends to every token")
         for name in ("scan_layers", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} must be a bool")
@@ -210,6 +245,8 @@ CHOICES = {
     "dtype": DTYPES,
     "kernels": KERNELS,
     "attention": ATTENTION_IMPLS,
+    "arch": ARCHS,
+    "parametrization": PARAMETRIZATIONS,
 }
 
 
@@ -298,3 +335,22 @@ def preset(name: str, **overrides) -> GPTConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# BERT (Devlin et al. 2019): post-LN encoder blocks, exact GELU, LayerNorm epsilon 1e-12,
+# 512 positions, 30,522 WordPiece tokens, two segments. BERT-base has 110M parameters and
+# BERT-large 340M (the paper's counts). bert-cpu-small has cpu-small's width, depth and
+# context, so that GPT and BERT are compared at equal size.
+_BERT = dict(
+    arch="bert", vocab_size=30522, n_ctx=512, norm="post", activation="gelu",
+    layer_norm_epsilon=1e-12, scale_residual_init=False,
+)
+PRESETS["bert-base"] = GPTConfig(**_BERT, n_layer=12, n_head=12, n_embd=768)
+PRESETS["bert-large"] = GPTConfig(**_BERT, n_layer=24, n_head=16, n_embd=1024)
+PRESETS["bert-cpu-small"] = GPTConfig(
+    **{**_BERT, "vocab_size": 4096, "n_ctx": 128}, n_layer=4, n_head=4, n_embd=192,
+    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, scan_layers=False,
+)
+PRESETS["bert-tiny"] = GPTConfig(
+    **{**_BERT, "vocab_size": 512, "n_ctx": 64}, n_layer=2, n_head=2, n_embd=64,
+)

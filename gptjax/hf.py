@@ -1,4 +1,4 @@
-"""Import and export of Hugging Face ``openai-gpt`` (GPT-1) and ``gpt2`` checkpoints.
+"""Import and export of Hugging Face ``openai-gpt`` (GPT-1), ``gpt2`` and ``bert`` checkpoints.
 
 The parameter names of gptjax are GPT-2's own, so the map is short: per layer,
 ``h.{i}.<name>.weight`` is ``params["h"][<name>]["w" or "g"][i]`` and
@@ -17,11 +17,16 @@ The output head is tied to the token embedding in gptjax. A checkpoint's
 ``lm_head.weight`` is accepted when it equals the embedding (and stands in for it
 when the embedding itself is absent, as in transformers' saves of
 OpenAIGPTDoubleHeadsModel); an untied head raises ``ValueError``.
+
+BERT (``model_type`` "bert", cfg.arch="bert") has a section of its own at the end of
+this file: its Linear layers store (out, in) and are transposed, and its separate
+query, key and value become one fused ``c_attn``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +40,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 
 Params = dict[str, Any]
+log = logging.getLogger(__name__)
 
 PREFIX = "transformer."
 
@@ -121,10 +127,12 @@ def config_from_hf(hf_config: dict) -> GPTConfig:
     untied word embeddings).
     """
     model_type = hf_config.get("model_type")
+    if model_type == "bert":
+        return bert_config_from_hf(hf_config)
     if model_type not in _HF_DEFAULTS:
         raise ValueError(
             f"config.json: model_type={model_type!r} is not supported; "
-            f"expected one of {sorted(_HF_DEFAULTS)}"
+            f"expected one of {sorted([*_HF_DEFAULTS, 'bert'])}"
         )
     c = dict(_HF_DEFAULTS[model_type])
     c.update({k: v for k, v in hf_config.items() if k in c})
@@ -178,12 +186,21 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     GELU or an MLP width other than 4 * n_embd in openai-gpt, and a
     scale_residual_init that differs from the family's own (it would change how
     transformers re-initialises, not the weights, so it is refused to keep the
-    round trip exact).
+    round trip exact). A BERT config (arch="bert") gives model_type bert
+    (bert_config_to_hf).
     """
+    if cfg.arch == "bert":
+        return bert_config_to_hf(cfg)
     if cfg.attention_band is not None:
         raise ValueError(
             f"GPTConfig.attention_band={cfg.attention_band}: banded attention has no "
             "Hugging Face gpt2/openai-gpt equivalent"
+        )
+    if cfg.parametrization == "mup" and cfg.n_embd != cfg.mup_base_width:
+        raise ValueError(
+            f"GPTConfig.parametrization='mup' at n_embd={cfg.n_embd} != mup_base_width="
+            f"{cfg.mup_base_width}: muP's output multiplier and 1/K attention have no Hugging "
+            "Face gpt2/openai-gpt equivalent (at the base width muP is the standard model)"
         )
     common = dict(
         vocab_size=cfg.vocab_size,
@@ -291,8 +308,11 @@ def params_from_hf(
     shape mismatch (both shapes) and an untied lm_head. With return_extra=True
     returns (params, extra), extra holding the task-head tensors
     (``multiple_choice_head.summary.{weight,bias}``, ``score.weight``) as numpy
-    arrays of `dtype` under their HF names.
+    arrays of `dtype` under their HF names. A BERT config goes to bert_params_from_hf.
     """
+    if cfg.arch == "bert":
+        params, initialized = bert_params_from_hf(cfg, tensors, dtype=dtype)
+        return (params, {"initialized": initialized}) if return_extra else params
     named, original = _strip_prefix(tensors)
     expected = _expected_shapes(cfg)
     wte_name = _embedding_names(cfg)[0]
@@ -345,8 +365,11 @@ def params_to_hf(cfg: GPTConfig, params: Params, *, prefix: str = "") -> dict[st
     """The inverse of params_from_hf: HF base-model names (plus `prefix`) -> float32 arrays.
 
     Every array is a contiguous float32 numpy copy. Raises ValueError naming the
-    parameter when `params` lacks one or has a shape other than cfg implies.
+    parameter when `params` lacks one or has a shape other than cfg implies. A BERT
+    config goes to bert_params_to_hf.
     """
+    if cfg.arch == "bert":
+        return bert_params_to_hf(cfg, params, prefix=prefix)
 
     def leaf(path):
         node = params
@@ -498,6 +521,12 @@ def load_pretrained(
     FileNotFoundError (no such folder, no config.json or no weights), ValueError
     (refused pickle, unsupported config, key or shape mismatch), ImportError
     (huggingface_hub or torch missing), OSError (download failed).
+
+    A bert folder (BertModel, BertForMaskedLM, BertForPreTraining,
+    BertForSequenceClassification or BertForMultipleChoice) gives BERT params with
+    every head: those the checkpoint lacks are initialised as init_params would, and
+    logged (extra["initialized"] names them); a classifier is params["classifier"]
+    (see bert_params_from_hf).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -530,6 +559,13 @@ def save_pretrained(
     the DoubleHeads classes and the base models (GPT2Model, OpenAIGPTModel) load
     it with no missing or unexpected keys (the task heads aside).
 
+    A BERT config writes what transformers saves for BertForPreTraining (base model
+    under ``bert.``, ``cls.predictions.*`` without the tied decoder,
+    ``cls.seq_relationship.*``), plus ``classifier.*`` when params hold a classifier
+    (bert_params_to_hf). BertForPreTraining and BertForMaskedLM load it with nothing
+    missing; BertForMaskedLM reports the pooler and NSP head as unexpected, as it does
+    for transformers' own BertForPreTraining saves.
+
     The folder is written beside `path` under a temporary name and renamed into
     place, so `path` never holds a partial checkpoint (an existing `path` is
     moved aside first and deleted after). A non-empty `path`, or a file there,
@@ -542,8 +578,13 @@ def save_pretrained(
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{target} exists and is not empty; pass overwrite=True to replace it")
-    hf_config = config_to_hf(cfg)
-    tensors = params_to_hf(cfg, params, prefix=PREFIX)
+    if cfg.arch == "bert":
+        num_labels = np.shape(params["classifier"]["b"])[0] if "classifier" in params else None
+        hf_config = bert_config_to_hf(cfg, num_labels)
+        tensors = bert_params_to_hf(cfg, params, prefix=BERT_PREFIX)
+    else:
+        hf_config = config_to_hf(cfg)
+        tensors = params_to_hf(cfg, params, prefix=PREFIX)
 
     from safetensors.numpy import save_file
 
@@ -562,3 +603,339 @@ def save_pretrained(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------- BERT
+
+# transformers' BertModel is the base model; its head classes keep it under "bert.".
+BERT_PREFIX = "bert."
+
+# Defaults of transformers' BertConfig, for keys a config.json omits. The last four are
+# refused when set otherwise (position_embedding_type is gone from transformers 5 but
+# older config.json files carry it).
+_BERT_DEFAULTS = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+    initializer_range=0.02, layer_norm_eps=1e-12, position_embedding_type="absolute",
+    is_decoder=False, add_cross_attention=False, tie_word_embeddings=True,
+)
+
+# HF name (base-model names without "bert.") -> (params path, transposed), by group.
+# torch's Linear stores its weight as (out, in); gptjax's w is (in, out): transposed.
+# "encoder" must be in every checkpoint; a checkpoint may lack any other group whole.
+_BERT_GROUPS = {
+    "encoder": (
+        ("embeddings.word_embeddings.weight", ("wte",), False),
+        ("embeddings.position_embeddings.weight", ("wpe",), False),
+        ("embeddings.token_type_embeddings.weight", ("wtt",), False),
+        ("embeddings.LayerNorm.weight", ("ln_e", "g"), False),
+        ("embeddings.LayerNorm.bias", ("ln_e", "b"), False),
+    ),
+    "pooler": (
+        ("pooler.dense.weight", ("pooler", "w"), True),
+        ("pooler.dense.bias", ("pooler", "b"), False),
+    ),
+    "mlm": (
+        ("cls.predictions.transform.dense.weight", ("mlm", "dense", "w"), True),
+        ("cls.predictions.transform.dense.bias", ("mlm", "dense", "b"), False),
+        ("cls.predictions.transform.LayerNorm.weight", ("mlm", "ln", "g"), False),
+        ("cls.predictions.transform.LayerNorm.bias", ("mlm", "ln", "b"), False),
+        ("cls.predictions.bias", ("mlm", "bias"), False),
+    ),
+    "nsp": (
+        ("cls.seq_relationship.weight", ("nsp", "w"), True),
+        ("cls.seq_relationship.bias", ("nsp", "b"), False),
+    ),
+    # BertForSequenceClassification (num_labels outputs) and BertForMultipleChoice (1).
+    "classifier": (
+        ("classifier.weight", ("classifier", "w"), True),
+        ("classifier.bias", ("classifier", "b"), False),
+    ),
+}
+# Groups of the base model (BertModel), written under BERT_PREFIX.
+_BERT_BASE_GROUPS = ("encoder", "pooler")
+# Per layer, encoder.layer.{i}.<suffix> -> path in params["h"] (post-LN: ln_1 follows
+# attention, ln_2 the MLP). Query, key and value are concatenated into attn.c_attn.
+_BERT_LAYER = (
+    ("attention.output.dense.weight", ("attn", "c_proj", "w"), True),
+    ("attention.output.dense.bias", ("attn", "c_proj", "b"), False),
+    ("attention.output.LayerNorm.weight", ("ln_1", "g"), False),
+    ("attention.output.LayerNorm.bias", ("ln_1", "b"), False),
+    ("intermediate.dense.weight", ("mlp", "c_fc", "w"), True),
+    ("intermediate.dense.bias", ("mlp", "c_fc", "b"), False),
+    ("output.dense.weight", ("mlp", "c_proj", "w"), True),
+    ("output.dense.bias", ("mlp", "c_proj", "b"), False),
+    ("output.LayerNorm.weight", ("ln_2", "g"), False),
+    ("output.LayerNorm.bias", ("ln_2", "b"), False),
+)
+_QKV = ("query", "key", "value")
+# Buffers of older checkpoints (no learned values), dropped on load.
+_BERT_BUFFER_RE = re.compile(r"^embeddings\.(position_ids|token_type_ids)$")
+
+
+def bert_config_from_hf(hf_config: dict) -> GPTConfig:
+    """A BERT GPTConfig (arch="bert", post-LN) from a transformers bert ``config.json`` dict.
+
+    Keys it omits take BertConfig's defaults. Raises ValueError naming the field for what
+    gptjax does not implement: relative position embeddings, a decoder or
+    cross-attention, untied word embeddings, activations other than the GELUs and relu.
+    """
+    c = dict(_BERT_DEFAULTS)
+    c.update({k: v for k, v in hf_config.items() if k in c})
+
+    def unsupported(field, why):
+        raise ValueError(f"config.json (bert): {field}={c[field]!r} is not supported: {why}")
+
+    if c["position_embedding_type"] != "absolute":
+        unsupported("position_embedding_type", "gptjax learns absolute positions only")
+    if c["is_decoder"]:
+        unsupported("is_decoder", "a causal BERT is not implemented; use a GPT config")
+    if c["add_cross_attention"]:
+        unsupported("add_cross_attention", "gptjax has no cross-attention")
+    if c["tie_word_embeddings"] is not True:
+        unsupported("tie_word_embeddings", "gptjax ties the MLM decoder to the token embedding")
+    if c["hidden_act"] not in _GPT2_ACT:  # BERT reads it through ACT2FN, as gpt2 does
+        unsupported("hidden_act", f"choose one of {sorted(_GPT2_ACT)}")
+    D, F = c["hidden_size"], c["intermediate_size"]
+    return GPTConfig(
+        arch="bert",
+        vocab_size=c["vocab_size"],
+        n_ctx=c["max_position_embeddings"],
+        n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"],
+        n_embd=D,
+        n_inner=None if F == 4 * D else F,
+        embd_pdrop=float(c["hidden_dropout_prob"]),
+        attn_pdrop=float(c["attention_probs_dropout_prob"]),
+        resid_pdrop=float(c["hidden_dropout_prob"]),
+        layer_norm_epsilon=float(c["layer_norm_eps"]),
+        activation=_GPT2_ACT[c["hidden_act"]],
+        norm="post",
+        init_std=float(c["initializer_range"]),
+        scale_residual_init=False,
+        type_vocab_size=c["type_vocab_size"],
+    )
+
+
+def bert_config_to_hf(cfg: GPTConfig, num_labels: int | None = None) -> dict:
+    """The bert ``config.json`` dict of a BERT cfg, naming BertForPreTraining; with
+    num_labels, id2label / label2id for a classifier of that many outputs. Raises
+    ValueError for what BertConfig cannot express: pre-LN, scaled residual init, and
+    embedding and residual dropouts that differ (BERT has one hidden_dropout_prob)."""
+    if cfg.norm != "post":
+        raise ValueError(f"GPTConfig.norm={cfg.norm!r}: Hugging Face BERT is post-LN")
+    if cfg.residual_init_scaled:
+        raise ValueError("GPTConfig.scale_residual_init=True: BertConfig has no scaled "
+                         "residual initialisation")
+    if cfg.embd_pdrop != cfg.resid_pdrop:
+        raise ValueError(f"GPTConfig.embd_pdrop={cfg.embd_pdrop} differs from resid_pdrop="
+                         f"{cfg.resid_pdrop}: BERT has one hidden_dropout_prob for both")
+    out = dict(
+        architectures=["BertForPreTraining"],
+        model_type="bert",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.mlp_width,
+        hidden_act=_GPT2_ACT_OUT[cfg.activation],
+        hidden_dropout_prob=cfg.resid_pdrop,
+        attention_probs_dropout_prob=cfg.attn_pdrop,
+        max_position_embeddings=cfg.n_ctx,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.layer_norm_epsilon,
+        pad_token_id=0,  # [PAD] is id 0 in BERT's vocabularies and in gptjax's WordPiece
+        tie_word_embeddings=True,
+    )
+    if num_labels is not None:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return out
+
+
+def _bert_entries(cfg: GPTConfig, num_labels: int) -> dict[str, tuple]:
+    """HF name (base model unprefixed) -> (group, params path, layer or None, transposed,
+    HF shape), for every tensor gptjax maps. Shapes come from init_params's, so the two
+    cannot drift apart."""
+    import jax
+
+    from gptjax.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    D = cfg.n_embd
+
+    def shape_at(path, layer):
+        node = shapes["h"] if layer is not None else shapes
+        for part in path:
+            node = node[part]
+        shape = tuple(node.shape[1:] if layer is not None else node.shape)
+        return shape
+
+    entries = {}
+    for group, items in _BERT_GROUPS.items():
+        for name, path, transposed in items:
+            if group == "classifier":
+                shape = (num_labels, D) if name.endswith("weight") else (num_labels,)
+            else:
+                shape = shape_at(path, None)[::-1] if transposed else shape_at(path, None)
+            entries[name] = (group, path, None, transposed, shape)
+    for i in range(cfg.n_layer):
+        base = f"encoder.layer.{i}."
+        for which in _QKV:  # slices of c_attn, assembled apart
+            entries[f"{base}attention.self.{which}.weight"] = ("encoder", None, i, True, (D, D))
+            entries[f"{base}attention.self.{which}.bias"] = ("encoder", None, i, False, (D,))
+        for suffix, path, transposed in _BERT_LAYER:
+            shape = shape_at(path, i)
+            entries[base + suffix] = ("encoder", path, i, transposed,
+                                      shape[::-1] if transposed else shape)
+    return entries
+
+
+def _bert_names(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors by unprefixed HF name, that name -> the checkpoint's own key). Drops the
+    "bert." prefix and old buffers, and reads the LayerNorm gamma / beta of checkpoints
+    converted from TensorFlow as weight / bias (as transformers does)."""
+    named, original = {}, {}
+    for key, value in tensors.items():
+        name = key.removeprefix(BERT_PREFIX)
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        if _BERT_BUFFER_RE.match(name):
+            continue
+        if name in named:
+            raise ValueError(f"checkpoint holds {name!r} twice: as {original[name]!r} and "
+                             f"as {key!r}")
+        named[name], original[name] = value, key
+    # The MLM decoder is tied: its weight is W_e and its bias cls.predictions.bias. Either
+    # may stand in for a missing twin; a copy that differs is refused.
+    for tied, source in (("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
+                         ("cls.predictions.decoder.bias", "cls.predictions.bias")):
+        if tied not in named:
+            continue
+        value, key = named.pop(tied), original.pop(tied)
+        if source not in named:
+            named[source], original[source] = value, key
+        elif (np.shape(value) != np.shape(named[source])
+              or not np.array_equal(np.asarray(value), np.asarray(named[source]))):
+            raise ValueError(f"{key!r} differs from {original[source]!r}: gptjax ties the MLM "
+                             "decoder and cannot load an untied one")
+    return named, original
+
+
+def bert_params_from_hf(cfg: GPTConfig, tensors: dict[str, np.ndarray], *,
+                        dtype=np.float32, seed: int = 0) -> tuple[Params, list[str]]:
+    """(BERT params of init_params's layout, the heads that were initialised) from an HF
+    bert state dict: BertModel (no prefix), BertForMaskedLM, BertForPreTraining,
+    BertForSequenceClassification or BertForMultipleChoice (base model under "bert.").
+
+    Every head gptjax's BERT has (pooler, mlm, nsp) is in the result: those the
+    checkpoint lacks whole (BertModel has no mlm and nsp, BertForMaskedLM no pooler and
+    nsp) are drawn as init_params(cfg, PRNGKey(seed)) draws them, logged, and named in
+    the returned list. A classifier (classifier.weight (N, D), classifier.bias) becomes
+    params["classifier"] = {"w": (D, N), "b": (N,)}: N = num_labels for sequence
+    classification, 1 for multiple choice (a score per choice). Raises ValueError naming
+    the key for an unexpected key, a head present in part, a shape mismatch and an untied
+    decoder.
+    """
+    named, original = _bert_names(tensors)
+    num_labels = int(np.shape(named["classifier.weight"])[0]) if (
+        "classifier.weight" in named) else 0
+    entries = _bert_entries(cfg, num_labels)
+    unexpected = sorted(original[n] for n in named if n not in entries)
+    if unexpected:
+        raise ValueError(f"unexpected key(s) in checkpoint for a {cfg.n_layer}-layer bert: "
+                         f"{unexpected}")
+    initialized = []
+    for group in _BERT_GROUPS:
+        names = [n for n, e in entries.items() if e[0] == group]
+        missing = [n for n in names if n not in named]
+        if group != "encoder" and len(missing) == len(names):
+            if group != "classifier":
+                initialized.append(group)
+        elif missing:
+            raise ValueError(f"missing key(s) in checkpoint: {missing}")
+    for name in named:
+        got, want = tuple(np.shape(named[name])), entries[name][4]
+        if got != want:
+            raise ValueError(f"shape mismatch for {original[name]!r}: checkpoint has {got}, "
+                             f"the config expects {want}")
+
+    def get(name):
+        value = np.asarray(named[name], dtype=dtype)
+        return value.T if entries[name][3] else value
+
+    params: Params = {}
+
+    def put(path, value):
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jnp.asarray(value, dtype=dtype)
+
+    for name, (_, path, layer, _, _) in entries.items():
+        if layer is None and name in named:
+            put(path, get(name))
+    layers = [f"encoder.layer.{i}." for i in range(cfg.n_layer)]
+    for suffix, path, _ in _BERT_LAYER:
+        put(("h",) + path, np.stack([get(base + suffix) for base in layers]))
+    for part, axis in (("weight", 1), ("bias", 0)):  # w: (D, 3D) = [Wq^T | Wk^T | Wv^T]
+        put(("h", "attn", "c_attn", "w" if part == "weight" else "b"), np.stack([
+            np.concatenate([get(f"{base}attention.self.{w}.{part}") for w in _QKV], axis=axis)
+            for base in layers]))
+    if initialized:
+        import jax
+
+        from gptjax.model import init_bert_params
+
+        fresh = init_bert_params(cfg, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+        for group in initialized:
+            params[group] = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), fresh[group])
+        log.warning("bert checkpoint has no %s head(s): initialised at random (seed %d)",
+                    ", ".join(initialized), seed)
+    return params, initialized
+
+
+def bert_params_to_hf(cfg: GPTConfig, params: Params, *, prefix: str = ""
+                      ) -> dict[str, np.ndarray]:
+    """The inverse of bert_params_from_hf: HF names -> contiguous float32 arrays, the base
+    model's (embeddings, encoder, pooler) with `prefix` ("bert." as the head classes
+    save them), the heads' (cls.*, and classifier.* when params have a classifier)
+    without. The tied decoder is left out, as transformers leaves it out of its saves.
+    Raises ValueError naming the parameter when params lack one or its shape is wrong."""
+
+    def leaf(path):
+        node = params
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"params lack {'.'.join(path)!r}")
+            node = node[part]
+        return np.asarray(node, dtype=np.float32)
+
+    num_labels = leaf(("classifier", "b")).shape[0] if "classifier" in params else 0
+    entries = _bert_entries(cfg, num_labels)
+    out = {}
+    for name, (group, path, layer, transposed, shape) in entries.items():
+        if group == "classifier" and not num_labels:
+            continue
+        if path is None:  # a query, key or value slice of c_attn
+            which = _QKV.index(name.split(".")[-2])
+            part = "w" if name.endswith("weight") else "b"
+            value = leaf(("h", "attn", "c_attn", part))[layer][..., which * cfg.n_embd:
+                                                              (which + 1) * cfg.n_embd]
+        else:
+            value = leaf(("h",) + path if layer is not None else path)
+            if layer is not None:
+                if value.shape[:1] != (cfg.n_layer,):
+                    raise ValueError(f"params h.{'.'.join(path)} has shape {value.shape}; "
+                                     f"expected a leading axis of n_layer={cfg.n_layer}")
+                value = value[layer]
+        if transposed:
+            value = value.T
+        if value.shape != shape:
+            raise ValueError(f"params for {name!r} have shape {value.shape}, the config "
+                             f"expects {shape}")
+        out[(prefix if group in _BERT_BASE_GROUPS else "") + name] = (
+            np.ascontiguousarray(value))
+    return out

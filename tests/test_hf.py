@@ -139,8 +139,8 @@ def test_unsupported_config_names_the_field(model_type, field, value):
 
 
 def test_unknown_model_type():
-    with pytest.raises(ValueError, match="model_type='bert'"):
-        hf.config_from_hf({"model_type": "bert"})
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        hf.config_from_hf({"model_type": "llama"})
 
 
 @pytest.mark.parametrize("cfg", [

@@ -247,7 +247,9 @@ def test_public_api_contract():
 
     assert list(inspect.signature(gptjax.forward).parameters)[:5] == [
         "params", "tokens", "cfg", "train", "rng"]
-    assert list(inspect.signature(gptjax.logits).parameters) == ["params", "h"]
+    # logits(params, h) as promised; the optional cfg gives muP's output multiplier
+    assert list(inspect.signature(gptjax.logits).parameters) == ["params", "h", "cfg"]
+    assert inspect.signature(gptjax.logits).parameters["cfg"].default is None
     assert list(inspect.signature(gptjax.lm_loss).parameters)[:3] == ["params", "tokens", "cfg"]
     gen = inspect.signature(gptjax.generate).parameters
     assert list(gen)[:4] == ["params", "cfg", "prompt", "max_new_tokens"]

@@ -88,14 +88,16 @@ def plan(cfg, backend: str | None = None) -> Plan:
 
 
 def self_attention(qkv: jax.Array, cfg, *, band: int | None, key_mask: jax.Array | None,
-                   dropout: bool) -> jax.Array | None:
+                   dropout: bool, causal: bool = True) -> jax.Array | None:
     """The fast attention for one call of model.attention, or None where none serves it
     (model.attention then runs the reference, model.attend).
 
     qkv (B, T, 3, H, K) -> (B, T, H, K); band: GPT-3's local band of a banded layer (None
-    for a dense one); key_mask (B, T): real tokens (None: all real). None is returned
-    when the plan has no fast attention, when attention dropout is active (no kernel here
-    drops probabilities), and for the blocked causal kernel with a padding mask.
+    for a dense one); key_mask (B, T): real tokens (None: all real); causal=False is
+    BERT's bidirectional attention. None is returned when the plan has no fast attention,
+    when attention dropout is active (no kernel here drops probabilities), for the blocked
+    causal kernel with a padding mask, and for bidirectional attention on the blocked
+    (CPU) plan: its kernels skip the keys after each query, which BERT needs.
     """
     kind = plan(cfg).attention
     if kind is None or dropout:
@@ -105,7 +107,10 @@ def self_attention(qkv: jax.Array, cfg, *, band: int | None, key_mask: jax.Array
         band = None
     scale = 1.0 / math.sqrt(K)
     if kind == "dot_product":
-        return dot_product_attention(qkv, band, key_mask, scale, attention.implementation(cfg))
+        return dot_product_attention(qkv, band, key_mask, scale, attention.implementation(cfg),
+                                     causal=causal)
+    if not causal:
+        return None
     if band is not None:
         return banded_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_mask, band,
                                 scale)

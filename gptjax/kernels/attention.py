@@ -36,9 +36,10 @@ def implementation(cfg) -> str:
     return "xla"
 
 
-def dot_product_attention(qkv, band, key_mask, scale, implementation):
-    """qkv (B, T, 3, H, K) -> (B, T, H, K) by jax.nn.dot_product_attention, causal, with
-    GPT-3's band as a local window and key_mask (B, T) (or None) marking real keys."""
+def dot_product_attention(qkv, band, key_mask, scale, implementation, causal=True):
+    """qkv (B, T, 3, H, K) -> (B, T, H, K) by jax.nn.dot_product_attention, causal (or,
+    causal=False, bidirectional: BERT), with GPT-3's band as a local window and key_mask
+    (B, T) (or None) marking real keys."""
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     kwargs = {}
     if band is not None:
@@ -48,10 +49,13 @@ def dot_product_attention(qkv, band, key_mask, scale, implementation):
         # cudnn takes no boolean mask; an additive bias does the same job. Half the
         # dtype's minimum: MASK_VALUE itself would round to -inf in 16-bit and an
         # all-masked (padding) row would give NaN.
+        # cudnn wants the bias at full (T, S) size: a (B, 1, 1, S) one is refused.
         low = float(jnp.finfo(q.dtype).min) / 2
-        kwargs["bias"] = jnp.where(mask, 0.0, low).astype(q.dtype)
+        T, S = q.shape[1], k.shape[1]
+        bias = jnp.where(mask, 0.0, low).astype(q.dtype)
+        kwargs["bias"] = jnp.broadcast_to(bias, (bias.shape[0], 1, T, S))
         mask = None
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                         implementation=implementation, **kwargs)
 
 
