@@ -2,15 +2,18 @@
 
 Used by sampling, evaluation and fine-tuning alike. A folder is one of:
 
-  a run folder   written by train.py or finetune.py: config.json with a "model" entry,
-                 tokenizer/, checkpoints/ (`gptjax.train.checkpoint.load_run`); the newest
-                 readable checkpoint ("latest") or the one of lowest validation loss
-                 ("best"). A fine-tuning run's {"gpt": ..., "head": ...} params give the
-                 language model's part.
-  an HF folder   a transformers gpt2 / openai-gpt checkpoint: config.json with a
+  a run folder   written by train.py or finetune.py (a GPT or a BERT): config.json with a
+                 "model" entry, tokenizer/, checkpoints/ (`gptjax.train.checkpoint.load_run`);
+                 the newest readable checkpoint ("latest") or the one of lowest validation
+                 loss ("best"). A fine-tuning run's {"gpt": ..., "head": ...} params give
+                 the transformer's part.
+  an HF folder   a transformers gpt2 / openai-gpt / bert checkpoint: config.json with a
                  "model_type", safetensors weights (`gptjax.hf.load_pretrained`) and the
-                 tokenizer files beside them (tokenizer.json, or vocab.json + merges.txt),
-                 read without adding special tokens, so that every id has an embedding row.
+                 tokenizer files beside them (tokenizer.json, vocab.json + merges.txt, or
+                 BERT's vocab.txt), read without adding special tokens, so that every id
+                 has an embedding row. A BertForSequenceClassification / MultipleChoice
+                 classifier is left out: it is a task head, not part of the model (the
+                 fine-tuning heads are gptjax.finetune.heads').
 
 Anything else is an error naming the folder and what it lacks.
 """
@@ -25,6 +28,8 @@ from gptjax.data.tokenizer import Tokenizer, load_tokenizer
 from gptjax.train.checkpoint import RUN_CONFIG, TOKENIZER_DIR
 
 CHECKPOINTS = ("latest", "best")
+# Task heads an HF checkpoint may hold beside the model (gptjax.hf: BERT's classifier).
+TASK_HEADS = ("classifier",)
 
 
 def folder_kind(path: str | Path) -> str:
@@ -77,6 +82,7 @@ def load_model(path: str | Path, *, checkpoint: str = "latest", weights: bool = 
         from gptjax.hf import load_pretrained
 
         cfg, params = load_pretrained(folder)
+        params = {k: v for k, v in params.items() if k not in TASK_HEADS}
         return cfg, params, _tokenizer(folder, kind)
     from gptjax.train.checkpoint import load_run
 

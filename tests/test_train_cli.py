@@ -320,7 +320,7 @@ def test_help_documents_every_option(capsys):
                             ("--attention", "{auto,xla,cudnn}"),
                             ("--schedule", "{cosine,linear,constant}"),
                             ("--parallel", "{auto,pmap,jit,mesh}"),
-                            ("--tokenizer", "{bpe,char,byte,PATH}")):
+                            ("--tokenizer", "{bpe,wordpiece,char,byte,PATH}")):
         assert option_help(text, option).startswith(choices), option
     assert "cpu-small, gpt1-tiny" in option_help(text, "--preset")
 

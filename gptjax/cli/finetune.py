@@ -3,12 +3,14 @@
 
     python finetune.py                                  # the built-in multiple-choice task
     python finetune.py --task sst2 --data-dir glue/SST-2 --init runs/cpu-small --help
+    python finetune.py --task demo-entailment --init runs/bert-cpu-small   # a BERT run
 
 The settings are four sections: source (the model to start from, the recipe, the run
 folder), task (TaskConfig), optim (OptimConfig) and loop (LoopConfig); their precedence is
 gptjax.cli.settings'. The base layer is the recipe: "gpt1" for models 768 wide or more,
-else "cpu". Unless set explicitly, the number of steps, the evaluation interval and the
-warm-up follow from the epochs and the training set's size. The model runs with kernels
+else "cpu" (for a BERT with lm_coef 0: it has no auxiliary LM loss). Unless set
+explicitly, the number of steps, the evaluation interval and the warm-up follow from the
+epochs and the training set's size. The model runs with kernels
 "auto" (the fast paths measured faster on this backend) unless --kernels says otherwise.
 """
 
@@ -61,7 +63,8 @@ SECTIONS = {"source": SourceConfig, "task": TaskConfig, "optim": OptimConfig,
 COMMAND = cli.Command(
     prog="finetune.py",
     description="Fine-tune a GPT on a labelled task with GPT-1's input transformations, "
-    "task heads and auxiliary LM loss. With no arguments: the built-in multiple-choice task "
+    "task heads and auxiliary LM loss (a BERT: its [CLS] A [SEP] B [SEP] inputs and heads "
+    "over the pooled [CLS]). With no arguments: the built-in multiple-choice task "
     f"on the model `python train.py` pre-trained ({DEFAULT_INIT}).",
     sections=SECTIONS,
     options=FinetuneOptions,
@@ -82,8 +85,9 @@ def base_layers(upper: dict) -> list[tuple[str, dict]]:
     init = cli.value_of(upper, SourceConfig, "init") or ("" if from_scratch else DEFAULT_INIT)
     preset = cli.value_of(upper, SourceConfig, "preset")
     recipe = cli.value_of(upper, SourceConfig, "recipe")
+    cfg = model_config(SourceConfig(init=init, preset=preset))
     if not recipe:
-        recipe = recipe_for(model_config(SourceConfig(init=init, preset=preset)))
+        recipe = recipe_for(cfg)
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
     task = cli.value_of(upper, TaskConfig, "task")
@@ -91,6 +95,8 @@ def base_layers(upper: dict) -> list[tuple[str, dict]]:
     # warm-up 0 here: finalize_schedule derives it from warmup_fraction unless it is given
     layer = {"warmup_steps": 0, **RECIPES[recipe], "init": init, "recipe": recipe,
              "out_dir": str(Path("runs") / f"finetune-{name}")}
+    if cfg.arch == "bert":  # no auxiliary LM loss (gptjax.finetune.run.bert_task_settings)
+        layer["lm_coef"] = 0.0
     return [(f"recipe {recipe}", layer)]
 
 

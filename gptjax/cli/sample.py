@@ -1,12 +1,16 @@
-"""python -m gptjax.cli.sample: stream text from a trained run or a Hugging Face folder.
+"""python -m gptjax.cli.sample: stream text from a trained run or a Hugging Face folder, or
+list a BERT's predictions for the [MASK]s of a text.
 
     python -m gptjax.cli.sample --run runs/char --prompt "The " --max-new-tokens 200 \\
         --temperature 0.8 --top-k 40 --seed 0
     python -m gptjax.cli.sample --run ./gpt2 --prompt "Hello" --top-p 0.9
+    python -m gptjax.cli.sample --run runs/bert-cpu-small --fill-mask "The [MASK] module"
 
 The text is written to stdout as the tokens are produced (the prompt first, then the
 continuation). The model-and-text core is `stream_text(cfg, params, tokenizer, prompt, ...)`;
-the model comes from `gptjax.loading.load_model`.
+the model comes from `gptjax.loading.load_model`. A BERT (arch "bert") does not generate:
+it answers --fill-mask (gptjax.fill_mask), one line per [MASK] with its top tokens and
+their probabilities; a GPT given --fill-mask, or a BERT given none, is an error.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class SampleConfig:
     max_new_tokens: int | None = None
     # Sampling temperature (0 = greedy).
     temperature: float = 1.0
-    # Sample from the k most likely tokens (None: all).
+    # Sample from the k most likely tokens (None: all). With fill_mask: the number of
+    # tokens listed for each [MASK] (None: 5).
     top_k: int | None = None
     # Sample from the smallest set of tokens of at least this probability mass (None: all).
     top_p: float | None = None
@@ -54,6 +59,9 @@ class SampleConfig:
     num_samples: int = 1
     # Stop a sample at <eos> (--no-stop: go on to max_new_tokens).
     stop: bool = True
+    # BERT runs: a text with [MASK] in it; the top_k tokens predicted at each [MASK] are
+    # listed instead of sampling (GPT runs: an error).
+    fill_mask: str = ""
 
     def __post_init__(self):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -123,6 +131,45 @@ def stream_text(
         yield text[len(written):]
 
 
+# The settings of text generation, which a fill-mask query does not use.
+GENERATION_ONLY = ("prompt", "prompt_file", "max_new_tokens", "temperature", "top_p", "seed",
+                   "num_samples", "stop")
+FILL_MASK_TOP_K = 5
+
+
+def check_mode(settings: SampleConfig, cfg: GPTConfig) -> None:
+    """Refuse what the model cannot do: fill-mask for a GPT, generation for a BERT, and
+    generation settings beside --fill-mask."""
+    if settings.fill_mask and cfg.arch != "bert":
+        raise ValueError(f"--fill-mask needs a BERT run; {settings.run} is arch={cfg.arch!r}, "
+                         "a left-to-right language model with no masked-token head "
+                         "(sample from it with --prompt)")
+    if cfg.arch == "bert" and not settings.fill_mask:
+        raise ValueError(f"{settings.run} is a BERT (arch='bert'): it predicts masked tokens "
+                         'and does not generate text; give --fill-mask "text with [MASK]"')
+    if settings.fill_mask:
+        defaults = SampleConfig(run="")
+        given = [f"--{n.replace('_', '-')}" for n in GENERATION_ONLY
+                 if getattr(settings, n) != getattr(defaults, n)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: generation setting(s), not used by "
+                             "--fill-mask (its options are --top-k and --checkpoint)")
+
+
+def print_fill_mask(settings: SampleConfig, cfg: GPTConfig, params: Params, tokenizer,
+                    out=None) -> list:
+    """The text, then one line per [MASK]: its top tokens with their probabilities, to
+    `out` (None: sys.stdout)."""
+    from gptjax.fill_mask import fill_mask, format_predictions
+
+    out = sys.stdout if out is None else out
+    top_k = FILL_MASK_TOP_K if settings.top_k is None else settings.top_k
+    predictions = fill_mask(params, cfg, tokenizer, settings.fill_mask, top_k=top_k)
+    out.write(settings.fill_mask + "\n" + format_predictions(predictions) + "\n")
+    out.flush()
+    return predictions
+
+
 def parse(argv: Sequence[str] | None = None) -> SampleConfig:
     def resolve(options, command_line):
         return cli.resolve(COMMAND.sections, command_line=command_line, config=options.config)
@@ -136,10 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv) -> int:
     settings = parse(argv)
+    if settings.fill_mask and "[MASK]" not in settings.fill_mask:
+        raise ValueError(f"--fill-mask {settings.fill_mask!r} has no [MASK]; put [MASK] where "
+                         "a token should be predicted")
+    cfg, _, _ = load_model(settings.run, weights=False)
+    check_mode(settings, cfg)
+    cfg, params, tokenizer = load_model(settings.run, checkpoint=settings.checkpoint)
+    if settings.fill_mask:
+        print_fill_mask(settings, cfg, params, tokenizer)
+        return 0
     prompt = settings.prompt
     if settings.prompt_file:
         prompt = Path(settings.prompt_file).read_text(encoding="utf-8")
-    cfg, params, tokenizer = load_model(settings.run, checkpoint=settings.checkpoint)
     max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = max(1, min(200, cfg.n_ctx - max(1, len(tokenizer.encode(prompt)))))

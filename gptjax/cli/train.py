@@ -3,6 +3,7 @@
 
     python train.py                        # the cpu-small preset on the built-in corpus
     python train.py --preset char --help   # every setting, with the values char would use
+    python train.py --preset bert-cpu-small  # a BERT of cpu-small's size: MLM + NSP
 
 The settings are five sections: run (preset, run folder), model (GPTConfig), optim
 (OptimConfig), loop (LoopConfig) and data (DataConfig); their precedence is
@@ -48,7 +49,8 @@ SECTIONS = {"run": RunConfig, "model": GPTConfig, "optim": OptimConfig, "loop": 
 
 COMMAND = cli.Command(
     prog="train.py",
-    description="Pre-train a GPT on text. With no arguments: a small GPT on Python's own "
+    description="Pre-train a GPT on text (a bert-* preset or --arch bert: a BERT, by masked "
+    "tokens and next-sentence prediction). With no arguments: a small GPT on Python's own "
     "documentation (no download), about four minutes on two CPU cores.",
     sections=SECTIONS,
     options=cli.RunOptions,

@@ -1,13 +1,16 @@
 """Task heads (Flax linen) over the transformer's final hidden states.
 
 Each head reads the hidden state at the `<extract>` token of its sequence(s)
-(tasks.py builds them), applies dropout (GPT-1: 0.1 on the classifier input)
-and one linear layer with weights N(0, 0.02) and a zero bias. Parameters come
+(transforms.py builds them), applies dropout (GPT-1: 0.1 on the classifier input)
+and one linear layer with weights N(0, 0.02) and a zero bias. For a BERT the state
+read is its pooled [CLS] output (transforms.task_hidden gives it as a sequence of one
+position, extract 0): the heads are the same, as in BERT's figure 4. Parameters come
 from `head.init` as a plain pytree that sits beside the transformer's:
 `{"gpt": gpt_params, "head": head_variables["params"]}`.
 
     ClassificationHead   (B, T, D), extract (B,)          -> logits (B, n_classes)
     SimilarityHead       (B, 2, T, D), extract (B, 2)     -> logits (B, n_classes) or score (B,)
+                         (BERT: one order, (B, 1, T, D))
     MultipleChoiceHead   (B, C, T, D), extract (B, C)     -> logits (B, C)
 
 Hugging Face's double-heads models (OpenAIGPTDoubleHeadsModel, GPT2DoubleHeadsModel)
@@ -55,7 +58,8 @@ class SimilarityHead(nn.Module):
     """Similarity: the two orders' `<extract>` states added element-wise, then linear.
 
     n_classes None: one regression score per pair, shape (B,) (STS-B). The sum
-    makes the output independent of which text came first.
+    makes the output independent of which text came first. A BERT reads the pair as one
+    sequence (both texts at once): one order, whose state is taken as it is.
     """
 
     n_classes: int | None = None
@@ -63,8 +67,9 @@ class SimilarityHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, extract, deterministic: bool = True):
-        if hidden.shape[1] != 2:
-            raise ValueError(f"SimilarityHead expects 2 orders on axis 1, got {hidden.shape}")
+        if hidden.shape[1] not in (1, 2):
+            raise ValueError(f"SimilarityHead expects 2 orders (BERT: 1) on axis 1, got "
+                             f"{hidden.shape}")
         x = pool_at(hidden, extract).astype(jnp.float32).sum(axis=1)  # (B, D)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         if self.n_classes is None:

@@ -3,15 +3,21 @@
 The job behind `python finetune.py` (its command line is gptjax.cli.finetune). A run:
 
  1. the model, by `gptjax.loading`: a train.py run folder (`--init runs/cpu-small`), a
-    Hugging Face openai-gpt / gpt2 folder (`--init path/to/hf`), or random weights of the
-    same shape (`--from-scratch`, the paper's "no pre-training" ablation);
- 2. the special tokens `<start>`, `<delim>`, `<extract>`, `<pad>` added to the
-    tokenizer and embedding when missing (rows N(0, 0.02), with a message);
+    Hugging Face openai-gpt / gpt2 / bert folder (`--init path/to/hf`), or random weights
+    of the same shape (`--from-scratch`, the paper's "no pre-training" ablation);
+ 2. the special tokens `<start>`, `<delim>`, `<extract>`, `<pad>` (a BERT: [CLS], [SEP],
+    [PAD]) added to the tokenizer and embedding when missing (rows N(0, 0.02), with a
+    message);
  3. the task's examples (a built-in demo task, an upstream dataset folder, a
     generic CSV/JSONL file, or a Hugging Face name) turned into fixed-shape
     arrays by transforms.encode_examples;
  4. params {"gpt": ..., "head": ...} trained by gptjax.train.loop.train on
     L3 = L2 + lm_coef * L1, evaluated at the end of every epoch;
+
+A BERT (arch "bert", from `train.py --preset bert-...` or an HF bert folder) runs through
+the same steps with BERT's input layout (`[CLS] A [SEP] B [SEP]`, segment ids, the heads
+over the pooled [CLS]; see gptjax.finetune.transforms) and no L1: its lm_coef is 0, and a
+lm_coef other than 0 given explicitly (command line, config file) is refused.
  5. the best epoch's params (by the task's first metric) kept in RUN/best/,
     predictions of the validation (and test) split written by them, and a
     metrics table printed.
@@ -72,6 +78,7 @@ from gptjax.finetune.transforms import (
     make_loss_fn,
     make_predict_fn,
     predictions,
+    special_ids,
 )
 from gptjax.loading import load_config, load_model
 from gptjax.model import init_params
@@ -117,7 +124,8 @@ class TaskConfig:
     warmup_fraction: float = 0.002
     # Length budget of a transformed sequence (0: the model's n_ctx).
     max_length: int = 0
-    # lambda of L3 = L2 + lambda * L1 (0: no auxiliary language-modelling loss).
+    # lambda of L3 = L2 + lambda * L1 (0: no auxiliary language-modelling loss). GPT only:
+    # a BERT has no L1 (its default is 0; another value given explicitly is an error).
     lm_coef: float = 0.5
     # L1's mean: "sequence" (per sequence, then over sequences: the GPT-1 code) or
     # "token" (over all real tokens of the batch: Hugging Face's lm_loss).
@@ -175,13 +183,15 @@ def recipe_for(cfg: GPTConfig) -> str:
 class SourceConfig:
     """The model to start from, the recipe of defaults, and where the run goes."""
 
-    # A train.py / finetune.py run folder or a Hugging Face openai-gpt / gpt2 folder
-    # ("" = runs/cpu-small, where `python train.py` puts its run; none with from_scratch).
+    # A train.py / finetune.py run folder (GPT or BERT) or a Hugging Face openai-gpt / gpt2
+    # / bert folder ("" = runs/cpu-small, where `python train.py` puts its run; none with
+    # from_scratch).
     init: str = ""
     # Random weights of the same shape, the architecture and tokenizer from init if given,
     # else from preset: GPT-1's no-pre-training ablation.
     from_scratch: bool = False
-    # The model of from_scratch without init (a BPE tokenizer trained on the built-in corpus).
+    # The model of from_scratch without init (a BPE tokenizer trained on the built-in
+    # corpus; WordPiece for a BERT preset).
     preset: str = "cpu-small"
     # Fine-tuning defaults: "gpt1" (the paper's) or "cpu" ("" = gpt1 for models 768 wide
     # or more, else cpu).
@@ -252,7 +262,8 @@ def load_init(source: SourceConfig, seed: int):
 
     source.init: a train.py / finetune.py run folder or a Hugging Face folder (see
     gptjax.loading). With from_scratch the architecture and tokenizer come from init if
-    given, else from the preset with a BPE tokenizer trained on the built-in corpus.
+    given, else from the preset with a BPE tokenizer (a BERT: WordPiece) trained on the
+    built-in corpus.
     """
     key = jax.random.PRNGKey(seed)
     if source.init:
@@ -268,7 +279,8 @@ def load_init(source: SourceConfig, seed: int):
     from gptjax.data.tokenizer import build_tokenizer
 
     cfg = PRESETS[source.preset]
-    tokenizer = build_tokenizer("bpe", builtin_corpus(), cfg.vocab_size)
+    kind = "wordpiece" if cfg.arch == "bert" else "bpe"
+    tokenizer = build_tokenizer(kind, builtin_corpus(), cfg.vocab_size)
     return cfg, init_params(cfg, key), tokenizer
 
 
@@ -324,8 +336,10 @@ def _has_test(spec: TaskSpec, folder) -> bool:
         return False
 
 
-def encode_splits(data: TaskData, tokenizer, n_ctx: int, tc: TaskConfig):
-    """{split: TaskArrays} with every text encoded once (encode_batch over unique texts)."""
+def encode_splits(data: TaskData, tokenizer, n_ctx: int, tc: TaskConfig,
+                  cfg: GPTConfig | None = None):
+    """{split: TaskArrays} with every text encoded once (encode_batch over unique texts), in
+    the input layout of `cfg`'s architecture (None: GPT-1's)."""
     examples = {s: list(ex) for s, ex in data.splits.items()}
     if tc.max_train:
         examples["train"] = examples["train"][: tc.max_train]
@@ -333,7 +347,8 @@ def encode_splits(data: TaskData, tokenizer, n_ctx: int, tc: TaskConfig):
         examples[tc.validation_split] = examples[tc.validation_split][: tc.max_validation]
     texts = sorted({t for ex in examples.values() for t in tokenizable_texts(ex)})
     table = dict(zip(texts, tokenizer.encode_batch(texts), strict=True))
-    specials = SpecialIds.from_tokenizer(tokenizer)
+    specials = special_ids(tokenizer, cfg) if cfg is not None else SpecialIds.from_tokenizer(
+        tokenizer)
     n_choices = data.spec.n_choices
     if data.spec.kind == "multiple_choice":
         n_choices = max(len(e.choices) for ex in examples.values() for e in ex)
@@ -351,6 +366,8 @@ def arrays_fingerprint(arrays: TaskArrays) -> str:
     h = hashlib.sha256()
     for name in ("tokens", "mask", "extract", "choices", "labels"):
         h.update(np.ascontiguousarray(getattr(arrays, name)).tobytes())
+    if arrays.token_types is not None:
+        h.update(np.ascontiguousarray(arrays.token_types).tobytes())
     return h.hexdigest()
 
 
@@ -507,11 +524,13 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
             p = tc.model_dropout
             cfg = cfg.replace(embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
     cfg = cfg.replace(kernels=settings.source.kernels)
+    tc = bert_task_settings(cfg, tc, settings.explicit)
+    settings = dataclasses.replace(settings, task=tc)  # saved in config.json as run
 
     spec = data.spec
     val_split = tc.validation_split if tc.validation_split in data.splits else "validation"
     n_ctx = min(cfg.n_ctx, tc.max_length or cfg.n_ctx)
-    arrays, examples = encode_splits(data, tokenizer, n_ctx, tc)
+    arrays, examples = encode_splits(data, tokenizer, n_ctx, tc, cfg)
     train_arrays, val_arrays = arrays["train"], arrays[val_split]
     settings = finalize_schedule(settings, len(train_arrays))
     loop = settings.loop
@@ -559,13 +578,14 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
         print(f"gptjax finetune: task {spec.name} ({spec.kind}), {len(train_arrays)} train / "
               f"{len(val_arrays)} {val_split} examples, sequences of {train_arrays.length} "
               f"tokens x {train_arrays.tokens.shape[1]}; {loop.steps} steps of "
-              f"{loop.batch_size} ({per_epoch} per epoch); lambda = {tc.lm_coef}; "
+              f"{loop.batch_size} ({per_epoch} per epoch); "
+              f"{'BERT, no LM loss' if cfg.arch == 'bert' else f'lambda = {tc.lm_coef}'}; "
               f"{'from scratch' if source.from_scratch else 'init ' + source.init}; "
               f"run folder {run_dir}")
     kwargs = {"stop_after": stop_after} if stop_after is not None else {}
     result = train(run_dir=run_dir, loop=loop, optim=settings.optim, params=params,
                    loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn, meta=meta,
-                   resume=resume, show_progress=not quiet, **kwargs)
+                   resume=resume, show_progress=not quiet, model=cfg, **kwargs)
 
     epochs = _eval_records(run_dir, per_epoch)
     best = max(epochs, key=lambda r: _score(r, main_metric)) if epochs else {}
@@ -599,6 +619,19 @@ def run(settings: Settings, *, resume: bool = False, overwrite: bool = False,
     if not quiet:
         print(format_table(out))
     return out
+
+
+def bert_task_settings(cfg: GPTConfig, tc: TaskConfig, explicit: frozenset) -> TaskConfig:
+    """A BERT has no auxiliary LM loss: lm_coef becomes 0, unless a value other than 0 was
+    given explicitly, which is refused (a ValueError) rather than silently dropped. GPT
+    settings are returned unchanged."""
+    if cfg.arch != "bert" or tc.lm_coef == 0:
+        return tc
+    if "lm_coef" in explicit:
+        raise ValueError(f"lm_coef={tc.lm_coef}: the model is a BERT, which has no auxiliary "
+                         "language-modelling loss (GPT-1's L1 predicts each next token; a "
+                         "BERT reads both sides of every token); leave lm_coef out or give 0")
+    return dataclasses.replace(tc, lm_coef=0.0)
 
 
 def _score(values: dict, metric: str) -> float:

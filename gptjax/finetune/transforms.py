@@ -38,6 +38,22 @@ The loss (section 3.2): L3 = L2 + lambda * L1, with L2 the task loss and L1 the
 language-modelling loss on the same transformed sequences; lambda = 0.5 by
 default, 0 turns L1 off (and skips its cost). See `lm_loss_on_tasks` for the
 normalisation.
+
+BERT (Devlin et al. 2019, section 4 and figure 4) frames the same four kinds with its own
+tokens and segment ids (`BertSpecialIds`, `bert_sequence`):
+
+    classification   [CLS] text [SEP]                                segments 0 ... 0
+    entailment       [CLS] premise [SEP] hypothesis [SEP]            0 ... 0  1 ... 1
+    similarity       [CLS] A [SEP] B [SEP]        one order: BERT reads both sides at once
+    multiple choice  [CLS] context [SEP] answer_k [SEP]              one per answer k
+
+and its heads read the pooled [CLS] state (model.pooled) rather than a final token, so
+`extract` is 0 and the arrays gain `token_types` (N, S, T). A pair is truncated as BERT's
+run_classifier.py does (`truncate_pair`: the longer segment loses its last token until
+the pair fits in n_ctx - 3); a single text keeps n_ctx - 2 tokens. BERT has no auxiliary
+language-modelling loss (its MLM head predicts masked tokens, which fine-tuning inputs do
+not have): `make_loss_fn` refuses lambda > 0 for it. Padding is masked in attention, as
+it must be for an encoder whose every position sees every other.
 """
 
 from __future__ import annotations
@@ -53,14 +69,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import forward, token_nll
+from gptjax.model import forward, pooled, token_nll
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 
-# The special tokens fine-tuning needs in the vocabulary.
+# The special tokens fine-tuning needs in the vocabulary: GPT-1's and BERT's.
 TASK_SPECIAL_TOKENS = ("<start>", "<delim>", "<extract>", "<pad>")
+BERT_TASK_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
+
+
+def task_special_tokens(cfg: GPTConfig) -> tuple[str, ...]:
+    """The special tokens the model's input layout uses (GPT-1's or BERT's)."""
+    return BERT_TASK_SPECIAL_TOKENS if cfg.arch == "bert" else TASK_SPECIAL_TOKENS
 
 LM_NORMALIZATIONS = ("sequence", "token")
 
@@ -108,6 +130,26 @@ class SpecialIds:
     def from_tokenizer(cls, tokenizer) -> SpecialIds:
         """Read the ids from a gptjax Tokenizer (its `token_id` names a missing token)."""
         return cls(*(tokenizer.token_id(name) for name in TASK_SPECIAL_TOKENS))
+
+
+@dataclass(frozen=True)
+class BertSpecialIds:
+    """Token ids of BERT's [CLS], [SEP] and [PAD]."""
+
+    cls: int
+    sep: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> BertSpecialIds:
+        return cls(*(tokenizer.token_id(name) for name in BERT_TASK_SPECIAL_TOKENS))
+
+
+def special_ids(tokenizer, cfg: GPTConfig) -> SpecialIds | BertSpecialIds:
+    """The ids of the layout the model reads: BERT's for arch "bert", else GPT-1's."""
+    if cfg.arch == "bert":
+        return BertSpecialIds.from_tokenizer(tokenizer)
+    return SpecialIds.from_tokenizer(tokenizer)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -177,6 +219,44 @@ def multiple_choice_sequences(context: Sequence[int], answers: Sequence[Sequence
     return [entailment_sequence(context, answer, sp) for answer in answers]
 
 
+def bert_sequence(a: Sequence[int], b: Sequence[int] | None,
+                  sp: BertSpecialIds) -> tuple[list[int], list[int]]:
+    """BERT's input and its segment ids: `[CLS] A [SEP]` (segment 0), then `B [SEP]`
+    (segment 1) when there is a B.
+
+    "good film" = [41, 42], with [CLS] = 101, [SEP] = 102:
+
+    >>> bert_sequence([41, 42], None, BertSpecialIds(101, 102, 0))
+    ([101, 41, 42, 102], [0, 0, 0, 0])
+    >>> bert_sequence([51, 52], [54], BertSpecialIds(101, 102, 0))
+    ([101, 51, 52, 102, 54, 102], [0, 0, 0, 0, 1, 1])
+    """
+    ids, types = [sp.cls, *a, sp.sep], [0] * (len(a) + 2)
+    if b is not None:
+        ids += [*b, sp.sep]
+        types += [1] * (len(b) + 1)
+    return ids, types
+
+
+def truncate_pair(a: Sequence[int], b: Sequence[int],
+                  budget: int) -> tuple[list[int], list[int], bool]:
+    """(a, b, cut): the longer of the two (a on a tie) loses its last token until
+    len(a) + len(b) <= budget, as BERT's `_truncate_seq_pair` (run_classifier.py) does.
+
+    >>> truncate_pair([1, 2, 3, 4], [5, 6], 4)
+    ([1, 2], [5, 6], True)
+    """
+    a, b = list(a), list(b)
+    cut = False
+    while len(a) + len(b) > budget:
+        cut = True
+        if len(a) >= len(b):
+            a.pop()
+        else:
+            b.pop()
+    return a, b, cut
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -192,6 +272,7 @@ class TaskArrays:
     choices: np.ndarray
     labels: np.ndarray
     n_truncated: int = 0  # examples in which at least one segment was cut
+    token_types: np.ndarray | None = None  # (N, S, T) BERT's segment ids; None for GPT
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -203,7 +284,10 @@ class TaskArrays:
     def batch(self, indices) -> dict[str, np.ndarray]:
         """The examples at `indices` as the dict the loss function takes."""
         idx = np.asarray(indices)
-        return {name: getattr(self, name)[idx] for name in BATCH_KEYS}
+        batch = {name: getattr(self, name)[idx] for name in BATCH_KEYS}
+        if self.token_types is not None:
+            batch["token_types"] = self.token_types[idx]
+        return batch
 
 
 BATCH_KEYS = ("tokens", "mask", "positions", "extract", "choices", "labels")
@@ -223,8 +307,10 @@ def encode_examples(
     """Tokenize, transform, truncate and pad `examples` of one task kind.
 
     encode: text -> token ids (a tokenizer's `encode`; it must not add special
-    tokens). n_ctx: the length budget (at most the model's context); segments
-    are truncated as in the original code (`max_segment_length`). pad_to: the
+    tokens). specials: `SpecialIds` for GPT-1's layout, `BertSpecialIds` for BERT's
+    (see the module docstring). n_ctx: the length budget (at most the model's context);
+    segments are truncated as in the original code (`max_segment_length`; BERT:
+    `truncate_pair`). pad_to: the
     padded length T; None pads to the longest sequence produced. n_choices: the
     S of a multiple-choice task (default: the most answers any example has).
     regression: labels are float scores (similarity as in STS-B).
@@ -247,37 +333,61 @@ def encode_examples(
             cache[text] = list(encode(text))
         return cache[text]
 
+    bert = isinstance(specials, BertSpecialIds)
     n_segments = 1 if kind == "classification" else 2
-    limit = max_segment_length(n_ctx, n_segments)
-    sequences: list[list[list[int]]] = []
+    if bert:  # BERT cuts a pair together (truncate_pair), a single text alone
+        limit = n_ctx - 2 if n_segments == 1 else n_ctx - 3
+        if limit < n_segments:
+            raise ValueError(f"n_ctx={n_ctx} leaves no room for {n_segments} segment(s) "
+                             "between [CLS] and [SEP]")
+    else:
+        limit = max_segment_length(n_ctx, n_segments)
+    # Per example, its sequences as (ids, segment ids); GPT's have no segments (None).
+    sequences: list[list[tuple[list[int], list[int] | None]]] = []
     n_truncated = 0
     for i, ex in enumerate(examples):
         cut = False
 
-        def seg(text, what, i=i, ex=ex):
+        def seg(text, what, keep=limit, i=i, ex=ex):
             nonlocal cut
             if text is None:
                 raise ValueError(f"{kind} example {i} (uid {ex.uid!r}) has no {what}")
             t = ids(text)
-            if len(t) > limit:
+            if keep is not None and len(t) > keep:
                 cut = True
-                t = t[:limit]
+                t = t[:keep]
             return t
 
-        if kind == "classification":
-            seqs = [classification_sequence(seg(ex.text_a, "text"), specials)]
-        elif kind == "entailment":
-            seqs = [entailment_sequence(seg(ex.text_a, "premise"),
-                                        seg(ex.text_b, "hypothesis"), specials)]
-        elif kind == "similarity":
-            seqs = list(similarity_sequences(seg(ex.text_a, "text A"),
-                                             seg(ex.text_b, "text B"), specials))
+        if kind == "multiple_choice" and not ex.choices:
+            raise ValueError(f"multiple_choice example {i} (uid {ex.uid!r}) has no choices")
+        if bert:
+            if kind == "classification":
+                seqs = [bert_sequence(seg(ex.text_a, "text"), None, specials)]
+            else:
+                first = seg(ex.text_a, _FIRST[kind], None)
+                seconds = ([seg(c, f"choice {k}", None) for k, c in enumerate(ex.choices)]
+                           if kind == "multiple_choice" else [seg(ex.text_b, _SECOND[kind],
+                                                                  None)])
+                seqs = []
+                for second in seconds:
+                    a, b, was_cut = truncate_pair(first, second, limit)
+                    cut |= was_cut
+                    seqs.append(bert_sequence(a, b, specials))
         else:
-            if not ex.choices:
-                raise ValueError(f"multiple_choice example {i} (uid {ex.uid!r}) has no choices")
-            context = seg(ex.text_a, "context")
-            seqs = multiple_choice_sequences(
-                context, [seg(c, f"choice {k}") for k, c in enumerate(ex.choices)], specials)
+            if kind == "classification":
+                gpt = [classification_sequence(seg(ex.text_a, "text"), specials)]
+            elif kind == "entailment":
+                gpt = [entailment_sequence(seg(ex.text_a, "premise"),
+                                           seg(ex.text_b, "hypothesis"), specials)]
+            elif kind == "similarity":
+                gpt = list(similarity_sequences(seg(ex.text_a, "text A"),
+                                                seg(ex.text_b, "text B"), specials))
+            else:
+                context = seg(ex.text_a, "context")
+                gpt = multiple_choice_sequences(
+                    context, [seg(c, f"choice {k}") for k, c in enumerate(ex.choices)],
+                    specials)
+            seqs = [(q, None) for q in gpt]
         n_truncated += cut
         sequences.append(seqs)
 
@@ -286,7 +396,7 @@ def encode_examples(
         if n_choices < S:
             raise ValueError(f"an example has {S} choices, more than n_choices={n_choices}")
         S = n_choices
-    longest = max(len(q) for seqs in sequences for q in seqs)
+    longest = max(len(q) for seqs in sequences for q, _ in seqs)
     T = longest if pad_to is None else pad_to
     if T < longest:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence ({longest})")
@@ -296,18 +406,28 @@ def encode_examples(
     mask = np.zeros((N, S, T), np.int32)
     extract = np.zeros((N, S), np.int32)
     choices = np.zeros((N, S), np.int32)
+    token_types = np.zeros((N, S, T), np.int32) if bert else None
     for i, seqs in enumerate(sequences):
-        for s, q in enumerate(seqs):
+        for s, (q, types) in enumerate(seqs):
             tokens[i, s, : len(q)] = q
             mask[i, s, : len(q)] = 1
-            extract[i, s] = len(q) - 1
+            # GPT-1's head reads the last token (<extract>); BERT's the pooled [CLS].
+            extract[i, s] = 0 if bert else len(q) - 1
             choices[i, s] = 1
+            if bert:
+                token_types[i, s, : len(q)] = types
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), (N, S, T)).copy()
     labels = _label_array(kind, examples, regression, S)
     if n_truncated:
-        logger.info("%s: truncated %d of %d examples (segments cut to %d tokens)",
-                    kind, n_truncated, N, limit)
-    return TaskArrays(kind, tokens, mask, positions, extract, choices, labels, n_truncated)
+        logger.info("%s: truncated %d of %d examples (to %d tokens %s)", kind, n_truncated, N,
+                    limit, "per pair" if bert and n_segments == 2 else "per segment")
+    return TaskArrays(kind, tokens, mask, positions, extract, choices, labels, n_truncated,
+                      token_types)
+
+
+# What the first and second segment of a pair are called, for error messages.
+_FIRST = {"entailment": "premise", "similarity": "text A", "multiple_choice": "context"}
+_SECOND = {"entailment": "hypothesis", "similarity": "text B"}
 
 
 def _label_array(kind, examples, regression, n_choices) -> np.ndarray:
@@ -341,6 +461,7 @@ def grow_vocab(cfg: GPTConfig, params: dict, new_ids: Sequence[int], key: jax.Ar
     already existed (a vocabulary padded past the tokenizer's) are re-drawn too,
     so every special token starts from the same initialisation. The output
     softmax is tied to W_e, so it covers the new tokens with no other change.
+    A BERT's MLM output bias grows with it (zeros for the new ids).
     Returns the new config (vocab_size updated) and params (other leaves shared).
     """
     new_ids = sorted(set(int(i) for i in new_ids))
@@ -355,11 +476,17 @@ def grow_vocab(cfg: GPTConfig, params: dict, new_ids: Sequence[int], key: jax.Ar
     rows = std * jax.random.normal(key, (len(new_ids), D), jnp.float32)
     grown = jnp.concatenate([wte, jnp.zeros((V_new - V, D), wte.dtype)], axis=0)
     grown = grown.at[jnp.asarray(new_ids)].set(rows.astype(wte.dtype))
-    return cfg.replace(vocab_size=V_new), {**params, "wte": grown}
+    params = {**params, "wte": grown}
+    if "mlm" in params:
+        bias = params["mlm"]["bias"]
+        params["mlm"] = {**params["mlm"], "bias": jnp.concatenate(
+            [bias, jnp.zeros((V_new - V,), bias.dtype)])}
+    return cfg.replace(vocab_size=V_new), params
 
 
 def add_task_tokens(tokenizer, cfg: GPTConfig, params: dict, key: jax.Array):
-    """Make sure tokenizer and model have `<start>`, `<delim>`, `<extract>`, `<pad>`.
+    """Make sure tokenizer and model have `<start>`, `<delim>`, `<extract>`, `<pad>`
+    (a BERT: [CLS], [SEP], [PAD]; `task_special_tokens`).
 
     Missing names are appended to the tokenizer (`add_special_tokens`) and their
     embedding rows drawn N(0, 0.02) (`grow_vocab`); a message names them. Special
@@ -369,7 +496,7 @@ def add_task_tokens(tokenizer, cfg: GPTConfig, params: dict, key: jax.Array):
     vocabulary is an error: it would have no embedding row.
     """
     have = tokenizer.special_tokens
-    missing = [n for n in TASK_SPECIAL_TOKENS if n not in have]
+    missing = [n for n in task_special_tokens(cfg) if n not in have]
     if missing:
         tokenizer = tokenizer.add_special_tokens(missing)
     specials = tokenizer.special_tokens
@@ -394,15 +521,26 @@ def add_task_tokens(tokenizer, cfg: GPTConfig, params: dict, key: jax.Array):
 
 
 def task_hidden(gpt_params: dict, batch: dict, cfg: GPTConfig, rng: jax.Array | None = None):
-    """Final hidden states of every sequence: tokens (B, S, T) -> (B, S, T, D).
+    """The states the heads read, for every sequence: a GPT's final hidden states, tokens
+    (B, S, T) -> (B, S, T, D); a BERT's pooled [CLS] state (model.pooled), (B, S, 1, D),
+    with padding masked and the segment ids of batch["token_types"].
 
     rng None: evaluation (no dropout); a key: training with the config's dropout.
     """
     tokens = batch["tokens"]
     B, S, T = tokens.shape
-    flat = tokens.reshape(B * S, T)
-    positions = batch["positions"].reshape(B * S, T) if "positions" in batch else None
-    h = forward(gpt_params, flat, cfg, train=rng is not None, rng=rng, positions=positions)
+
+    def flat(x):
+        return x.reshape(B * S, T)
+
+    positions = flat(batch["positions"]) if "positions" in batch else None
+    if cfg.arch == "bert":
+        h = forward(gpt_params, flat(tokens), cfg, train=rng is not None, rng=rng,
+                    positions=positions, attention_mask=flat(batch["mask"]),
+                    token_types=flat(batch["token_types"]))
+        return pooled(gpt_params, h, cfg).reshape(B, S, 1, h.shape[-1])
+    h = forward(gpt_params, flat(tokens), cfg, train=rng is not None, rng=rng,
+                positions=positions)
     return h.reshape(B, S, T, h.shape[-1])
 
 
@@ -434,7 +572,8 @@ def task_loss(kind: str, outputs: jax.Array, labels: jax.Array, regression: bool
 
 
 def lm_loss_on_tasks(gpt_params: dict, h: jax.Array, batch: dict,
-                     normalization: str = "sequence") -> jax.Array:
+                     normalization: str = "sequence", *,
+                     cfg: GPTConfig | None = None) -> jax.Array:
     """L1 on the transformed sequences: next-token NLL over real tokens only.
 
     Position t predicts token t + 1 and counts when token t + 1 is real
@@ -452,6 +591,7 @@ def lm_loss_on_tasks(gpt_params: dict, h: jax.Array, batch: dict,
                   are not -100) when `labels` are the input ids with -100 at
                   padding. Longer sequences then weigh more.
     The two agree when every sequence has the same number of real tokens.
+    cfg: the model's config, for muP's output multiplier (None: standard).
     """
     if normalization not in LM_NORMALIZATIONS:
         raise ValueError(f"lm normalization {normalization!r} is not one of {LM_NORMALIZATIONS}")
@@ -459,7 +599,7 @@ def lm_loss_on_tasks(gpt_params: dict, h: jax.Array, batch: dict,
     B, S, T = tokens.shape
     flat_h = h.reshape(B * S, T, h.shape[-1])
     flat_t = tokens.reshape(B * S, T)
-    nll = token_nll(gpt_params, flat_h[:, :-1], flat_t[:, 1:])  # (B*S, T-1)
+    nll = token_nll(gpt_params, flat_h[:, :-1], flat_t[:, 1:], cfg)  # (B*S, T-1)
     w = batch["mask"].reshape(B * S, T)[:, 1:].astype(jnp.float32)
     if "choices" in batch:
         w = w * batch["choices"].reshape(B * S, 1).astype(jnp.float32)
@@ -483,11 +623,16 @@ def make_loss_fn(cfg: GPTConfig, head, kind: str, *, lm_coef: float = 0.5,
 
     L3 = L2 + lm_coef * L1. rng None means evaluation: no dropout. Metrics:
     task_loss, lm_loss (0 when lm_coef is 0: it is then not computed), and
-    accuracy over the labelled examples (classes and choices only).
+    accuracy over the labelled examples (classes and choices only). A BERT has no L1:
+    lm_coef must be 0 for it.
     """
     check_kind(kind)
     if lm_coef < 0 or not math.isfinite(lm_coef):
         raise ValueError(f"lm_coef must be a finite number >= 0, got {lm_coef}")
+    if cfg.arch == "bert" and lm_coef:
+        raise ValueError(f"lm_coef={lm_coef}: a BERT has no auxiliary language-modelling "
+                         "loss (it reads both sides of every token; its MLM head needs "
+                         "masked inputs); use lm_coef=0")
 
     def loss_fn(params, batch, rng=None):
         gpt_rng = head_rng = None
@@ -498,7 +643,7 @@ def make_loss_fn(cfg: GPTConfig, head, kind: str, *, lm_coef: float = 0.5,
         l2 = task_loss(kind, out, batch["labels"], regression)
         metrics = {"task_loss": l2}
         if lm_coef > 0:
-            l1 = lm_loss_on_tasks(params["gpt"], h, batch, lm_normalization)
+            l1 = lm_loss_on_tasks(params["gpt"], h, batch, lm_normalization, cfg=cfg)
             loss = l2 + lm_coef * l1
             metrics["lm_loss"] = l1
         else:
