@@ -390,6 +390,10 @@ def _prepare(who, cfg, prompt, prompt_lengths, max_new_tokens, rng, temperature,
              stop_tokens):
     """Check everything and lay the prompt out: (left-padded tokens (B, T0), pad counts (B,),
     stop ids, the traced settings (rng, temperature, top_p), the static ones)."""
+    if cfg.arch != "gpt":
+        raise ValueError(f"{who}() continues text left to right; arch={cfg.arch!r} reads "
+                         "both sides of each token and does not generate (gptjax.fill_mask "
+                         "predicts its masked tokens)")
     tokens, lengths = _prompt_array(prompt, prompt_lengths)
     _check_sampling(temperature, top_k, top_p)
     stops = _stop_array(stop_tokens, cfg)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
+
+# Tests that run train.py's or finetune.py's job in this process would otherwise turn on
+# JAX's persistent compilation cache in the jobs' default folder (~/.cache/gptjax/jax) for
+# every test after them, and read back executables that other runs on the machine wrote
+# there (a fresh clone's run of the suite crashed inside JAX's cache reader so). The cache
+# itself is tested in subprocesses (test_train.py, test_multihost.py).
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _build_hf_model(family: str, cls_name: str | None = None, *, seed: int = 0, **overrides):

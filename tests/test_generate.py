@@ -195,3 +195,13 @@ def test_stream_text_holds_back_split_characters(monkeypatch):
     cfg = SMALL.replace(vocab_size=tok.vocab_size)
     pieces = list(sample.stream_text(cfg, None, tok, "x", max_new_tokens=8))
     assert pieces == ["a", "ñ", "€", "!"]
+
+
+def test_a_bert_does_not_generate():
+    bert = GPTConfig(arch="bert", vocab_size=97, n_ctx=32, n_layer=1, n_head=2, n_embd=16,
+                     norm="post", activation="gelu")
+    params = init_params(bert, jax.random.PRNGKey(0))
+    for fn in (generate, stream):
+        with pytest.raises(ValueError, match="arch='bert'.*fill_mask"):
+            result = fn(params, bert, [[1, 2, 3]], 4, rng=None, temperature=0)
+            next(iter(result)) if fn is stream else None
