@@ -12,6 +12,10 @@ import pytest
 # itself is tested in subprocesses (test_train.py, test_multihost.py).
 jax.config.update("jax_enable_compilation_cache", False)
 
+# The suite has always run with this setting: tests/transformations_cases.py set it at
+# import, for the whole session, before those cases moved to a process of their own.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def _build_hf_model(family: str, cls_name: str | None = None, *, seed: int = 0, **overrides):
     """A tiny transformers model of `family` ("gpt2" or "openai-gpt"), in eval mode.
