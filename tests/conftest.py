@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 # Tests that run train.py's or finetune.py's job in this process would otherwise turn on
 # JAX's persistent compilation cache in the jobs' default folder (~/.cache/gptjax/jax) for
 # every test after them, and read back executables that other runs on the machine wrote
-# there (a fresh clone's run of the suite crashed inside JAX's cache reader so). The cache
-# itself is tested in subprocesses (test_train.py, test_multihost.py).
-jax.config.update("jax_enable_compilation_cache", False)
+# there. The session gets a fresh folder of its own instead (a job keeps a folder JAX
+# already has): later tests still reuse what earlier ones compiled, as on a fresh CI
+# machine, and nothing foreign is read. The jobs' own cache handling is tested in
+# subprocesses (test_train.py, test_multihost.py).
+_CACHE = tempfile.mkdtemp(prefix="gptjax-tests-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 
 # The suite has always run with this setting: tests/transformations_cases.py set it at
 # import, for the whole session, before those cases moved to a process of their own.
